@@ -1,0 +1,228 @@
+"""Datasets in, tokenized train/eval sets and their DataLoaders out.
+
+Sources are a hub dataset (the users' path) or local csv / json / jsonl / parquet files (the offline
+path). Every data problem is a `DataError` naming the file or split and the column.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import datasets
+import torch
+from torch.utils.data import DataLoader, Sampler
+from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
+from transformers.trainer_pt_utils import get_length_grouped_indices
+
+from launcher.recipe import DataSection, Recipe
+
+FILE_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+class DataError(ValueError):
+    """The data cannot be used as the recipe describes it."""
+
+
+@dataclass
+class LabelSpace:
+    """Class names in id order; the model's `id2label` / `label2id` come from here."""
+
+    names: list[str]
+
+    @property
+    def id2label(self) -> dict[int, str]:
+        return dict(enumerate(self.names))
+
+    @property
+    def label2id(self) -> dict[str, int]:
+        return {name: i for i, name in enumerate(self.names)}
+
+
+@dataclass
+class Splits:
+    """Raw (untokenized) train and eval sets, with where each came from for error messages."""
+
+    train: datasets.Dataset
+    eval: Optional[datasets.Dataset]
+    train_origin: str
+    eval_origin: str
+
+
+def load_splits(data: DataSection) -> Splits:
+    """Load train and eval as the recipe says: source, eval split or carved fraction, seeded subsets."""
+    if data.train_file is not None:
+        train = load_file(data.train_file)
+        train_origin = data.train_file
+        evaluation = load_file(data.eval_file) if data.eval_file else None
+        eval_origin = data.eval_file or ""
+    else:
+        train = load_hub_split(data, data.train_split)
+        train_origin = f"{data.dataset}[{data.train_split}]"
+        evaluation = load_hub_split(data, data.eval_split) if data.eval_split else None
+        eval_origin = f"{data.dataset}[{data.eval_split}]"
+    if data.eval_fraction is not None:
+        carved = train.train_test_split(test_size=data.eval_fraction, seed=data.subset_seed)
+        train, evaluation = carved["train"], carved["test"]
+        eval_origin = f"{train_origin} (held-out {data.eval_fraction:.0%})"
+    train = seeded_subset(train, data.train_samples, data.subset_seed, train_origin)
+    if evaluation is not None:
+        evaluation = seeded_subset(evaluation, data.eval_samples, data.subset_seed, eval_origin)
+    splits = Splits(train, evaluation, train_origin, eval_origin)
+    check_columns(splits, data)
+    return splits
+
+
+def load_file(path: str) -> datasets.Dataset:
+    builder = FILE_BUILDERS.get(Path(path).suffix.lower())
+    if builder is None:
+        raise DataError(f"{path}: unsupported file type; use one of {', '.join(FILE_BUILDERS)}")
+    if not Path(path).is_file():
+        raise DataError(f"{path}: file not found (relative paths are taken from {Path.cwd()})")
+    try:
+        return datasets.load_dataset(builder, data_files=str(path), split="train")
+    except Exception as err:  # datasets raises many types for unreadable files; all mean the same to the user
+        raise DataError(f"{path}: cannot be read as {builder}: {err}") from err
+
+
+def load_hub_split(data: DataSection, split: str) -> datasets.Dataset:
+    try:
+        return datasets.load_dataset(data.dataset, data.dataset_config, split=split)
+    except Exception as err:  # offline, unknown name, unknown split: say which and why
+        raise DataError(
+            f"dataset {data.dataset!r} (config {data.dataset_config!r}) split {split!r} cannot be loaded: {err}. "
+            "Offline? Point data.train_file / data.eval_file at local files instead."
+        ) from err
+
+
+def seeded_subset(dataset: datasets.Dataset, size: Optional[int], seed: int, origin: str) -> datasets.Dataset:
+    """The tutorials' `shuffle(seed).select(range(n))`."""
+    if size is None:
+        return dataset
+    if size > len(dataset):
+        raise DataError(f"{origin}: asked for a subset of {size} examples but it holds only {len(dataset)}")
+    return dataset.shuffle(seed=seed).select(range(size))
+
+
+def check_columns(splits: Splits, data: DataSection) -> None:
+    wanted = [data.text_field, data.label_field] + ([data.text_pair_field] if data.text_pair_field else [])
+    for dataset, origin in ((splits.train, splits.train_origin), (splits.eval, splits.eval_origin)):
+        if dataset is None:
+            continue
+        if len(dataset) == 0:
+            raise DataError(f"{origin}: no examples")
+        missing = [c for c in wanted if c not in dataset.column_names]
+        if missing:
+            raise DataError(f"{origin}: missing column(s) {missing}; it has {dataset.column_names}")
+
+
+def resolve_labels(splits: Splits, data: DataSection, num_labels: int) -> LabelSpace:
+    """Work out the class names; string labels get ids (stored in `id2label`), integer ids are range-checked."""
+    feature = splits.train.features[data.label_field]
+    if isinstance(feature, datasets.ClassLabel):
+        names = data.label_names or feature.names
+    elif feature.dtype in ("string", "large_string"):
+        seen = set(splits.train[data.label_field])
+        if splits.eval is not None:
+            seen |= set(splits.eval[data.label_field])
+        names = data.label_names or sorted(seen)
+        unknown = sorted(seen - set(names))
+        if unknown:
+            raise DataError(f"{splits.train_origin}: column {data.label_field!r} has labels {unknown} not in data.label_names")
+    elif feature.dtype.startswith("int"):
+        names = data.label_names or [f"LABEL_{i}" for i in range(num_labels)]
+    else:
+        raise DataError(f"{splits.train_origin}: column {data.label_field!r} holds {feature.dtype}; labels must be integers or strings")
+    if len(names) != num_labels:
+        raise DataError(
+            f"{splits.train_origin}: column {data.label_field!r} has {len(names)} classes {names[:10]} "
+            f"but task.num_labels is {num_labels}"
+        )
+    return LabelSpace(list(names))
+
+
+def tokenize_splits(splits: Splits, data: DataSection, labels: LabelSpace, tokenizer: PreTrainedTokenizerBase) -> Splits:
+    """Batched, cached `map`: input ids truncated to `max_length`, labels as ids in a `labels` column."""
+    label2id = labels.label2id
+
+    def encode(batch: dict) -> dict:
+        pair = batch[data.text_pair_field] if data.text_pair_field else None
+        encoded = tokenizer(
+            batch[data.text_field],
+            pair,
+            truncation=True,
+            max_length=data.max_length,
+            padding="max_length" if data.padding == "max_length" else False,
+        )
+        raw = batch[data.label_field]
+        encoded["labels"] = [label2id[x] if isinstance(x, str) else x for x in raw]
+        return encoded
+
+    def tokenize(dataset: Optional[datasets.Dataset], origin: str) -> Optional[datasets.Dataset]:
+        if dataset is None:
+            return None
+        tokenized = dataset.map(encode, batched=True, remove_columns=dataset.column_names, desc=f"tokenizing {origin}")
+        check_label_range(tokenized, len(labels.names), origin, data.label_field)
+        return tokenized
+
+    return Splits(
+        tokenize(splits.train, splits.train_origin),
+        tokenize(splits.eval, splits.eval_origin),
+        splits.train_origin,
+        splits.eval_origin,
+    )
+
+
+def check_label_range(dataset: datasets.Dataset, num_labels: int, origin: str, column: str) -> None:
+    ids = dataset.with_format("numpy")["labels"]
+    bad = sorted({int(i) for i in ids if not 0 <= i < num_labels})
+    if bad:
+        raise DataError(f"{origin}: column {column!r} has label ids {bad[:10]} outside [0, {num_labels})")
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """Shuffles with a generator seeded by (seed, epoch) alone, so every rank sees the same order and a resumed
+    run replays it exactly. With `lengths`, batches group similar lengths inside shuffled megabatches."""
+
+    def __init__(self, num_examples: int, seed: int, batch_size: int, lengths: Optional[list[int]] = None):
+        self.num_examples = num_examples
+        self.seed = seed
+        self.batch_size = batch_size
+        self.lengths = lengths
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_examples
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        if self.lengths is None:
+            yield from torch.randperm(self.num_examples, generator=generator).tolist()
+        else:
+            yield from get_length_grouped_indices(self.lengths, self.batch_size, generator=generator)
+
+
+def build_collator(tokenizer: PreTrainedTokenizerBase, recipe: Recipe) -> DataCollatorWithPadding:
+    """Dynamic padding; a multiple of 8 under mixed precision keeps tensor-core shapes."""
+    multiple = 8 if recipe.training.precision != "fp32" else None
+    return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=multiple)
+
+
+def build_dataloaders(tokenized: Splits, recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> tuple[DataLoader, Optional[DataLoader]]:
+    collator = build_collator(tokenizer, recipe)
+    batch_size = recipe.training.per_device_batch_size
+    lengths = [len(ids) for ids in tokenized.train["input_ids"]] if recipe.data.group_by_length else None
+    sampler = EpochShuffleSampler(len(tokenized.train), recipe.training.seed, batch_size, lengths)
+    train_loader = DataLoader(
+        tokenized.train, batch_size=batch_size, sampler=sampler, collate_fn=collator, num_workers=recipe.data.num_workers
+    )
+    eval_loader = None
+    if tokenized.eval is not None:
+        eval_loader = DataLoader(
+            tokenized.eval, batch_size=recipe.eval_batch_size, shuffle=False, collate_fn=collator, num_workers=recipe.data.num_workers
+        )
+    return train_loader, eval_loader

