@@ -82,6 +82,10 @@ def load_file(path: str) -> datasets.Dataset:
         raise DataError(f"{path}: file not found (relative paths are taken from {Path.cwd()})")
     try:
         return datasets.load_dataset(builder, data_files=str(path), split="train")
+    except ValueError as err:
+        if "corresponds to no data" in str(err):  # datasets' way of saying the file has a header but no rows
+            raise DataError(f"{path}: no examples") from err
+        raise DataError(f"{path}: cannot be read as {builder}: {err}") from err
     except Exception as err:  # datasets raises many types for unreadable files; all mean the same to the user
         raise DataError(f"{path}: cannot be read as {builder}: {err}") from err
 

