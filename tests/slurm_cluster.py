@@ -1,0 +1,98 @@
+"""A real single-node Slurm cluster for the tests (slurmctld + slurmd + munge from Debian's packages).
+
+`scripts/slurm/start-slurm.sh` installs and starts it once per session, in its own folder and on free ports;
+`scripts/slurm/stop-slurm.sh` stops it by the daemons' pid files. Test files use it with
+`from slurm_cluster import slurm_cluster` (the fixture) and the helpers below.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPTS = REPO / "scripts" / "slurm"
+ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+JOB_FIELD = re.compile(r"(\w+)=(\S*)")
+
+
+def why_no_cluster() -> Optional[str]:
+    """The reason this machine cannot bring a cluster up, or None."""
+    if os.geteuid() != 0:
+        return "needs root to install and start slurmctld/slurmd (CI runs as root)"
+    if shutil.which("slurmctld") is None and shutil.which("apt-get") is None:
+        return "Slurm is not installed and there is no apt-get to install it"
+    return None
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@dataclass
+class SlurmCluster:
+    base: Path
+
+    def jobs(self, job_id: str) -> list[dict[str, str]]:
+        """`scontrol show job -o ID` as one dict per job (one per task for an array)."""
+        shown = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, check=True)
+        return [dict(JOB_FIELD.findall(line)) for line in shown.stdout.splitlines() if line.strip()]
+
+    def wait_until(self, job_id: str, condition: Callable[[list[dict[str, str]]], bool], timeout: float,
+                   what: str) -> list[dict[str, str]]:
+        """Poll `scontrol` (sbatch --wait polls with growing sleeps, far too slowly) until `condition` holds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            jobs = self.jobs(job_id)
+            if condition(jobs):
+                return jobs
+            if time.monotonic() > deadline:
+                raise AssertionError(f"job {job_id} not {what} after {timeout} s: "
+                                     f"{[(j['JobId'], j['JobState'], j.get('Reason')) for j in jobs]}")
+            time.sleep(0.3)
+
+    def wait_ended(self, job_id: str, timeout: float = 120) -> list[dict[str, str]]:
+        return self.wait_until(job_id, lambda jobs: all(j["JobState"] in ENDED for j in jobs), timeout, "ended")
+
+
+def start_cluster(base: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "SLURM_TEST_BASE": str(base),
+           "SLURMCTLD_PORT": str(free_port()), "SLURMD_PORT": str(free_port())}
+    return subprocess.run(["bash", str(SCRIPTS / "start-slurm.sh")], env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A running cluster with SLURM_CONF exported for the clients (sbatch, scontrol...) this session runs."""
+    reason = why_no_cluster()
+    if reason:
+        pytest.skip(reason)
+    # Not under pytest's tmp_path: slurmctld runs as user `slurm` and cannot enter root's 0700 folders.
+    base = Path(tempfile.mkdtemp(prefix="launcher-slurm-"))
+    base.chmod(0o755)
+    started = start_cluster(base)
+    try:  # stop whatever did start, even when the start failed half-way
+        if started.returncode != 0:
+            pytest.fail(f"start-slurm.sh failed:\n{started.stdout}\n{started.stderr}")
+        os.environ["SLURM_CONF"] = str(base / "etc" / "slurm.conf")
+        yield SlurmCluster(base)
+    finally:
+        stop_env = {**os.environ, "SLURM_TEST_BASE": str(base)}
+        stopped = subprocess.run(["bash", str(SCRIPTS / "stop-slurm.sh")], env=stop_env, capture_output=True, text=True,
+                                 timeout=300)
+        os.environ.pop("SLURM_CONF", None)
+        if stopped.returncode == 0:
+            shutil.rmtree(base, ignore_errors=True)
