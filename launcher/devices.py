@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import warnings
 from dataclasses import dataclass
 from typing import Literal
@@ -13,6 +14,9 @@ from launcher.recipe import Precision
 
 DeviceType = Literal["cuda", "npu", "cpu"]
 BACKEND_BY_DEVICE: dict[DeviceType, str] = {"cuda": "nccl", "npu": "hccl", "cpu": "gloo"}
+# The variable each driver reads to restrict the devices a process sees (Accelerate's gpu_ids sets it).
+VISIBLE_DEVICES_VARIABLE: dict[DeviceType, str] = {"cuda": "CUDA_VISIBLE_DEVICES", "npu": "ASCEND_RT_VISIBLE_DEVICES"}
+BF16_NPU_PREFIXES = ("Ascend910B", "Ascend910_93")
 
 
 class PrecisionError(RuntimeError):
@@ -29,14 +33,27 @@ class DeviceInfo:
     def backend(self) -> str:
         return BACKEND_BY_DEVICE[self.type]
 
+    def visibility(self) -> str:
+        """How the devices were restricted, for messages: `ASCEND_RT_VISIBLE_DEVICES=0,1` or `all`."""
+        variable = VISIBLE_DEVICES_VARIABLE.get(self.type)
+        return f"{variable}={os.environ[variable]}" if variable and variable in os.environ else "all visible"
+
 
 def npu_available() -> bool:
     """Ascend NPU through torch_npu (importing it registers `torch.npu`)."""
     if importlib.util.find_spec("torch_npu") is None:
         return False
-    import torch_npu  # noqa: F401  (import registers the npu device with torch)
-
+    try:
+        import torch_npu  # noqa: F401  (import registers the npu device with torch)
+    except Exception:  # noqa: BLE001  torch_npu installed where the CANN driver is not (a CPU container) fails here
+        return False
     return torch.npu.is_available()
+
+
+def npu_supports_bf16() -> bool:
+    """bf16 needs an Atlas A2/A3 chip (Ascend910B*, Ascend910_93*); the first-generation 910A / 910ProB and the
+    310 inference chips compute in fp16 only. Decided by the chip name torch_npu reports for device 0."""
+    return torch.npu.get_device_name(0).startswith(BF16_NPU_PREFIXES)
 
 
 def detect_device() -> DeviceInfo:
@@ -53,7 +70,7 @@ def supports(device: DeviceInfo, precision: Precision) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported() if precision == "bf16" else True
     if device.type == "npu":
-        return torch.npu.is_bf16_supported() if precision == "bf16" else True
+        return npu_supports_bf16() if precision == "bf16" else True
     # Accelerate reports bf16 as available on every CPU; oneDNN knows whether the CPU has bf16 kernels.
     # fp16 autocast on CPU is emulated and slow, so it is refused there.
     return precision == "bf16" and torch.ops.mkldnn._is_mkldnn_bf16_supported()

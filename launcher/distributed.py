@@ -1,6 +1,8 @@
 """The Accelerator for a recipe: precision, accumulation, collective backend and timeout, tracker choice.
 
-Also the guard against launches that would silently train N independent copies of the model.
+Also the two guards of a multi-process launch: processes that would silently train N independent copies
+of the model are refused, and a DeepSpeed file that contradicts the recipe is refused; DeepSpeed's `auto`
+values are filled from the recipe, the one source of batch, accumulation, clipping and precision.
 """
 
 from __future__ import annotations
@@ -8,17 +10,28 @@ from __future__ import annotations
 import os
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 from accelerate import Accelerator
-from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs, ProjectConfiguration
+from accelerate.utils import DistributedType, GradientAccumulationPlugin, InitProcessGroupKwargs, ProjectConfiguration
 
 from launcher.devices import DeviceInfo
-from launcher.recipe import Precision, Recipe
+from launcher.recipe import Precision, Recipe, TrainingSection
 from launcher.reporting import tracker_for
+
+CPU_LAUNCH_HINT = (
+    "On a machine without GPUs/NPUs launch CPU processes explicitly: "
+    "ACCELERATE_USE_CPU=true accelerate launch --config_file accelerate_configs/cpu_ddp.yaml launcher/run.py RECIPE "
+    "(or ACCELERATE_USE_CPU=true torchrun --nproc_per_node N launcher/run.py RECIPE)"
+)
 
 
 class LaunchError(RuntimeError):
     """The processes were started in a way that would not train one model together."""
+
+
+class DeepSpeedConfigError(LaunchError):
+    """The DeepSpeed config sets a value the recipe owns to something else."""
 
 
 def launched_world_size() -> int:
@@ -28,6 +41,7 @@ def launched_world_size() -> int:
 
 def build_accelerator(recipe: Recipe, precision: Precision, device: DeviceInfo) -> Accelerator:
     world_size = launched_world_size()
+    check_local_processes(device, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     handlers = []
     if world_size > 1:
         # Accelerate only picks gloo on CPU when launched with MPI; name the backend so torchrun-style
@@ -46,10 +60,83 @@ def build_accelerator(recipe: Recipe, precision: Precision, device: DeviceInfo) 
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "tensorboard")),
         step_scheduler_with_optimizer=False,
     )
-    if accelerator.num_processes != world_size:
-        raise LaunchError(
-            f"{world_size} processes were launched but Accelerate formed a group of {accelerator.num_processes} "
-            f"({accelerator.distributed_type}): each would train its own copy. On a machine without GPUs use "
-            "a CPU config (accelerate_configs/cpu_ddp.yaml) or torchrun with ACCELERATE_USE_CPU=true."
-        )
+    check_one_training_group(accelerator, world_size, device)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        plugin = accelerator.state.deepspeed_plugin
+        reconcile_deepspeed_config(plugin.deepspeed_config, recipe.training, precision, world_size)
+        # The HfDeepSpeedConfig that from_pretrained reads (ZeRO-3 init) is a copy: refresh it after filling.
+        plugin.set_deepspeed_weakref()
     return accelerator
+
+
+def check_local_processes(device: DeviceInfo, local_processes: int) -> None:
+    """Refuse more processes on this machine than accelerators it exposes: two processes would share a device
+    (or fail deep inside the collective library) instead of saying so."""
+    if device.type != "cpu" and local_processes > device.count:
+        raise LaunchError(
+            f"{local_processes} processes on this machine but {device.count} {device.type} device(s) are visible "
+            f"({device.visibility()}): launch one process per device (--num_processes, or gpu_ids in the config)"
+        )
+
+
+def check_one_training_group(accelerator: Accelerator, world_size: int, device: DeviceInfo) -> None:
+    """Refuse N processes that do not form one data-parallel group.
+
+    Measured with Accelerate 1.15: `accelerate launch --multi_gpu --num_processes 2` on a machine without GPUs
+    forms a 2-process gloo group (the backend we pass) but DistributedType.NO, so the model is never wrapped in
+    DDP: each process trains its own copy on half the data and evaluates on half the eval set, and exits 0.
+    """
+    if world_size == 1:
+        return
+    if accelerator.num_processes == world_size and accelerator.distributed_type != DistributedType.NO:
+        return
+    hint = CPU_LAUNCH_HINT if device.type == "cpu" else f"check that every process sees its {device.type} device"
+    raise LaunchError(
+        f"{world_size} processes were launched but Accelerate formed a group of {accelerator.num_processes} "
+        f"({accelerator.distributed_type}) on {device.type}: each process would train its own copy of the model. {hint}."
+    )
+
+
+def recipe_owned_deepspeed_values(training: TrainingSection, precision: Precision, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed config keys (dotted) whose values the recipe decides, with the recipe's values.
+
+    Accelerate fills some `auto`s itself, but `gradient_clipping` always as 1.0 whatever the recipe says, and it
+    only warns (and lets DeepSpeed win) when accumulation differs; so all of them are filled and checked here.
+    """
+    micro_batch, accumulation = training.per_device_batch_size, training.gradient_accumulation_steps
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": accumulation,
+        "train_batch_size": micro_batch * accumulation * world_size,
+        "gradient_clipping": training.max_grad_norm or 0.0,  # DeepSpeed reads 0 as "no clipping"
+        "bf16.enabled": precision == "bf16",
+        "fp16.enabled": precision == "fp16",
+    }
+
+
+def reconcile_deepspeed_config(config: dict, training: TrainingSection, precision: Precision, world_size: int) -> None:
+    """Fill the recipe-owned values that are `auto` or absent, in place; raise on every one that contradicts
+    the recipe, and on sections the recipe owns (optimizer, scheduler) or the export needs (ZeRO-3 gather)."""
+    problems = []
+    for dotted, wanted in recipe_owned_deepspeed_values(training, precision, world_size).items():
+        *parents, key = dotted.split(".")
+        node = config
+        for name in parents:
+            node = node.setdefault(name, {})
+        value = node.get(key, "auto")
+        if value == "auto":
+            node[key] = wanted
+        elif value != wanted:
+            problems.append(f"{dotted} is {value!r} but the recipe gives {wanted!r}")
+    for section in ("optimizer", "scheduler"):
+        if section in config:
+            problems.append(f"`{section}` is set: the recipe's training section owns the optimizer and LR schedule")
+    zero = config.get("zero_optimization", {})
+    if zero.get("stage") == 3 and not zero.get("stage3_gather_16bit_weights_on_model_save", False):
+        problems.append("zero_optimization.stage3_gather_16bit_weights_on_model_save must be true: the final "
+                        "model is gathered from the ZeRO-3 shards into one file")
+    if problems:
+        raise DeepSpeedConfigError(
+            "the DeepSpeed config contradicts the recipe (set these to \"auto\" and change the recipe instead):\n  - "
+            + "\n  - ".join(problems)
+        )

@@ -7,7 +7,14 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+from transformers.integrations import is_deepspeed_zero3_enabled
 
 from launcher.data import LabelSpace
 from launcher.recipe import LoraSection, ModelSection, Recipe
@@ -47,7 +54,11 @@ def lora_targets(lora: LoraSection, model_type: str) -> list[str]:
 
 
 def load_model(recipe: Recipe, labels: LabelSpace, tokenizer: PreTrainedTokenizerBase) -> torch.nn.Module:
-    """`AutoModelForSequenceClassification` with the label names, pad token and LoRA the recipe asks for."""
+    """`AutoModelForSequenceClassification` with the label names, pad token and LoRA the recipe asks for.
+
+    Under a ZeRO-3 Accelerator (built before this is called) `from_pretrained` loads inside `deepspeed.zero.Init`:
+    each process materialises only its shard of the weights, never a full copy.
+    """
     spec = recipe.model
     model = AutoModelForSequenceClassification.from_pretrained(
         spec.name_or_path,
@@ -58,13 +69,43 @@ def load_model(recipe: Recipe, labels: LabelSpace, tokenizer: PreTrainedTokenize
         attn_implementation=spec.attn_implementation,
         trust_remote_code=spec.trust_remote_code,
     )
+    if is_deepspeed_zero3_enabled():
+        keep_used_weight_conversions(model)
     # Decoder classifiers pick the last non-pad token; without pad_token_id they refuse batches > 1.
     model.config.pad_token_id = tokenizer.pad_token_id
     if spec.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if recipe.lora.enabled:
         model = apply_lora(model, recipe.lora)
+        if is_deepspeed_zero3_enabled():
+            match_adapter_dtype(model)
     return model
+
+
+def keep_used_weight_conversions(model: PreTrainedModel) -> None:
+    """Forget the checkpoint key renamings that did not apply, as the non-ZeRO-3 loader does.
+
+    transformers 5.23's ZeRO-3 loader keeps every candidate renaming (e.g. BERT's legacy `LayerNorm.gamma` ->
+    `weight`), and `save_pretrained` reverts them all, so the exported file would name keys the source did not.
+    """
+    conversions = getattr(model, "_weight_conversions", None)
+    if conversions:
+        model._weight_conversions = [c for c in conversions if c.was_used()]
+
+
+def match_adapter_dtype(model: PeftModel) -> None:
+    """Adapter dtype policy under ZeRO-3: trainable parameters take the dtype of the frozen base weights.
+
+    ZeRO-3 flattens each parameter group into one buffer of one dtype, but peft creates the adapters in fp32
+    after `zero.Init` already cast the base to bf16/fp16, and DeepSpeed asserts on the mix. Casting the
+    adapters costs no update precision: DeepSpeed's bf16/fp16 optimizer keeps fp32 master copies of every
+    trainable parameter and steps those, exactly as it does for a full fine-tune.
+    """
+    frozen = [p.dtype for p in model.parameters() if not p.requires_grad]
+    if frozen:
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.data = parameter.data.to(frozen[0])
 
 
 def apply_lora(model: torch.nn.Module, lora: LoraSection) -> PeftModel:
@@ -95,9 +136,9 @@ def check_lora_architecture(recipe: Recipe) -> list[str]:
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return trainable, sum(p.numel() for p in model.parameters())
+    """(trainable, total) parameter counts; ZeRO-3 shards report their full size (`ds_numel`), not their local 0."""
+    sizes = [(getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in model.parameters()]
+    return sum(n for n, trainable in sizes if trainable), sum(n for n, _ in sizes)
 
 
 def export_model(accelerator: Accelerator, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, recipe: Recipe) -> dict[str, str]:
@@ -115,8 +156,7 @@ def export_model(accelerator: Accelerator, model: torch.nn.Module, tokenizer: Pr
             tokenizer.save_pretrained(out / "adapter")
             written["adapter"] = str(out / "adapter")
             if recipe.lora.merge_on_save:
-                unwrapped.load_state_dict(state_dict)
-                merged = unwrapped.merge_and_unload()
+                merged = merged_replica(unwrapped, state_dict)
                 save_full_model(merged, merged.state_dict(), tokenizer, out / "model")
                 written["model"] = str(out / "model")
         else:
@@ -124,6 +164,19 @@ def export_model(accelerator: Accelerator, model: torch.nn.Module, tokenizer: Pr
             written["model"] = str(out / "model")
     accelerator.wait_for_everyone()
     return written
+
+
+def merged_replica(trained: PeftModel, state_dict: dict) -> PreTrainedModel:
+    """The adapters merged into the base weights, built from the gathered state dict in a fresh CPU replica.
+
+    The trained module itself cannot take the weights back under ZeRO-3 (its parameters are empty shards), so
+    the replica is created on the meta device (no allocation, no random init) and takes the gathered tensors.
+    """
+    base = trained.get_base_model()
+    with torch.device("meta"):
+        replica = get_peft_model(type(base)(base.config), trained.peft_config[trained.active_adapter])
+    replica.load_state_dict(state_dict, assign=True)
+    return replica.merge_and_unload()
 
 
 def save_full_model(model: torch.nn.Module, state_dict: dict, tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:

@@ -8,6 +8,7 @@ from typing import Optional
 
 from launcher.data import DataError, load_splits, resolve_labels
 from launcher.devices import DeviceInfo, supports
+from launcher.memory_plan import MemoryPlanError, Topology, describe_memory, estimate_memory, fits, measure_model
 from launcher.modeling import check_lora_architecture
 from launcher.optimization import steps_per_epoch, total_optimizer_steps, warmup_steps
 from launcher.recipe import Recipe
@@ -23,6 +24,7 @@ class RunPlan:
     train_examples: Optional[int]
     eval_examples: Optional[int]
     notes: list[str] = field(default_factory=list)
+    memory: list[str] = field(default_factory=list)
 
     @property
     def global_batch(self) -> int:
@@ -64,15 +66,18 @@ class RunPlan:
         ]
         width = max(len(k) for k, _ in rows)
         lines = [f"{k.rjust(width)} : {v}" for k, v in rows]
+        lines += [f"{'memory'.rjust(width)} : {m}" for m in self.memory]
         lines += [f"{'note'.rjust(width)} : {n}" for n in self.notes]
         return "\n".join(lines)
 
 
-def check_recipe(recipe: Recipe, world_size: int, device: DeviceInfo) -> tuple[RunPlan, list[str]]:
-    """Everything that can be checked without a model or process group: data (local files must load),
-    labels, LoRA targets, precision support. Returns the plan and the problems that make the recipe fail."""
+def check_recipe(recipe: Recipe, topology: Topology, device: DeviceInfo) -> tuple[RunPlan, list[str]]:
+    """Everything that can be checked without weights or a process group: data (local files must load),
+    labels, LoRA targets, precision support, per-device memory on the topology. Returns the plan and the
+    problems that make the recipe fail (an estimate over the given device memory is one)."""
     problems: list[str] = list(check_lora_architecture(recipe))
-    plan = RunPlan(recipe, world_size, device.type, "dry run", recipe.training.precision, None, None)
+    plan = RunPlan(recipe, topology.processes, device.type, topology.describe(), recipe.training.precision, None, None)
+    problems += plan_memory(plan, topology)
     try:
         splits = load_splits(recipe.data)
         resolve_labels(splits, recipe.data, recipe.task.num_labels)
@@ -89,3 +94,18 @@ def check_recipe(recipe: Recipe, world_size: int, device: DeviceInfo) -> tuple[R
         plan.notes.append(f"{recipe.training.precision} is not supported on this machine's {device.type}; "
                           "it runs where it is (e.g. the GPU nodes)")
     return plan, problems
+
+
+def plan_memory(plan: RunPlan, topology: Topology) -> list[str]:
+    """Fill the plan's memory rows; a model whose config cannot be read is a note, not a failure."""
+    try:
+        size = measure_model(plan.recipe)
+    except MemoryPlanError as err:
+        plan.notes.append(f"memory not estimated: {err}")
+        return []
+    estimate = estimate_memory(size, topology, plan.recipe)
+    plan.memory = describe_memory(size, topology, estimate)
+    if fits(topology, estimate):
+        return []
+    return [f"estimated {estimate.device_total / 2**30:.1f} GiB per device exceeds {topology.device_memory_gib:g} GiB "
+            "(see the memory rows; more processes, ZeRO-3, offload, LoRA or gradient checkpointing reduce it)"]

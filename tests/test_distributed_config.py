@@ -1,0 +1,78 @@
+"""DeepSpeed settings come from the recipe: `auto` values are filled from it, contradicting values are an error
+raised before any weights load (checked here on the function and once through a real DeepSpeed launch)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from conftest import REPO, tiny_recipe, write_recipe
+from launcher.distributed import DeepSpeedConfigError, reconcile_deepspeed_config
+from launcher.recipe import TrainingSection
+from test_distributed_runs import CPU_DEEPSPEED, launch
+
+TRAINING = TrainingSection(per_device_batch_size=4, gradient_accumulation_steps=3, max_grad_norm=0.5)
+
+
+def shipped(name: str) -> dict:
+    return json.loads((REPO / "accelerate_configs" / "deepspeed" / name).read_text())
+
+
+def test_auto_values_are_filled_from_the_recipe():
+    config = shipped("zero3.json")
+    reconcile_deepspeed_config(config, TRAINING, "bf16", world_size=8)
+    assert config["train_micro_batch_size_per_gpu"] == 4
+    assert config["gradient_accumulation_steps"] == 3
+    assert config["train_batch_size"] == 4 * 3 * 8
+    assert config["gradient_clipping"] == 0.5  # Accelerate alone would write 1.0
+    assert (config["bf16"]["enabled"], config["fp16"]["enabled"]) == (True, False)
+
+
+def test_absent_values_are_filled_and_no_clipping_is_zero():
+    config = {"zero_optimization": {"stage": 2}}
+    reconcile_deepspeed_config(config, TrainingSection(max_grad_norm=None), "fp32", world_size=2)
+    assert config["gradient_clipping"] == 0.0
+    assert (config["bf16"], config["fp16"]) == ({"enabled": False}, {"enabled": False})
+    assert config["train_batch_size"] == 8 * 1 * 2
+
+
+def test_values_matching_the_recipe_are_accepted():
+    config = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 3, "gradient_clipping": 0.5,
+              "bf16": {"enabled": True}}
+    reconcile_deepspeed_config(config, TRAINING, "bf16", world_size=1)
+
+
+def test_every_contradiction_is_reported_at_once():
+    config = {**shipped("zero2.json"), "gradient_accumulation_steps": 8, "train_micro_batch_size_per_gpu": 16,
+              "bf16": {"enabled": True}, "optimizer": {"type": "AdamW"}, "scheduler": {"type": "WarmupLR"}}
+    with pytest.raises(DeepSpeedConfigError) as raised:
+        reconcile_deepspeed_config(config, TRAINING, "fp32", world_size=2)
+    message = str(raised.value)
+    for expected in ("gradient_accumulation_steps is 8 but the recipe gives 3",
+                     "train_micro_batch_size_per_gpu is 16 but the recipe gives 4",
+                     "bf16.enabled is True but the recipe gives False",
+                     "`optimizer` is set", "`scheduler` is set"):
+        assert expected in message
+
+
+def test_zero3_must_gather_the_model_for_export():
+    config = shipped("zero3.json")
+    config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = False
+    with pytest.raises(DeepSpeedConfigError, match="stage3_gather_16bit_weights_on_model_save must be true"):
+        reconcile_deepspeed_config(config, TRAINING, "bf16", world_size=1)
+
+
+@pytest.mark.slow
+def test_a_contradicting_file_stops_a_real_launch_before_training(tmp_path, assets):
+    bad = {**shipped("zero2.json"), "gradient_accumulation_steps": 4}
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    accelerate_config = yaml.safe_load((REPO / "accelerate_configs" / "zero2.yaml").read_text())
+    accelerate_config["deepspeed_config"]["deepspeed_config_file"] = str(tmp_path / "bad.json")
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(accelerate_config))
+    recipe = write_recipe(tmp_path / "recipe.yaml", tiny_recipe(assets, tmp_path / "out"))
+    result = launch(str(tmp_path / "bad.yaml"), recipe, CPU_DEEPSPEED, processes=1)
+    assert result.returncode != 0
+    assert "gradient_accumulation_steps is 4 but the recipe gives 1" in result.stderr
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()
