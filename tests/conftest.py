@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
@@ -73,3 +74,22 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: int = 600) -
         [sys.executable, str(REPO / "launcher" / "run.py"), *args],
         cwd=REPO, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=timeout,
     )
+
+
+@torch.no_grad()
+def eval_loss_of(model: torch.nn.Module, run_dir: Path) -> float:
+    """Mean eval cross-entropy of `model` on the run's eval set, tokenized as the run did."""
+    from transformers import AutoTokenizer, DataCollatorWithPadding
+
+    from launcher.data import load_splits, resolve_labels, tokenize_splits
+    from launcher.recipe_loader import load_recipe
+
+    recipe = load_recipe(run_dir / "recipe.resolved.yaml")
+    tokenizer = AutoTokenizer.from_pretrained(recipe.model.name_or_path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    splits = load_splits(recipe.data)
+    tokenized = tokenize_splits(splits, recipe.data, resolve_labels(splits, recipe.data, recipe.task.num_labels), tokenizer).eval
+    batch = DataCollatorWithPadding(tokenizer)([tokenized[i] for i in range(len(tokenized))])
+    model.eval()
+    return float(model(**batch).loss)

@@ -28,9 +28,8 @@ from peft import AutoPeftModelForSequenceClassification
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from conftest import REPO, run_cli, tiny_recipe, write_recipe
+from conftest import REPO, eval_loss_of, run_cli, tiny_recipe, write_recipe
 from launcher.reporting import read_metrics_log
-from test_end_to_end import eval_loss_of
 
 pytestmark = pytest.mark.slow
 

@@ -8,11 +8,9 @@ import pytest
 import torch
 from peft import AutoPeftModelForSequenceClassification
 from safetensors.torch import load_file
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from conftest import run_cli, run_in_process, tiny_recipe, write_recipe
-from launcher.data import load_splits, resolve_labels, tokenize_splits
-from launcher.recipe_loader import load_recipe
+from conftest import eval_loss_of, run_cli, run_in_process, tiny_recipe, write_recipe
 from launcher.reporting import read_metrics_log
 from launcher.run_directory import read_run_summary
 
@@ -30,20 +28,6 @@ def train_losses(run_dir: Path) -> list[float]:
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(folder / "model.safetensors"))
-
-
-@torch.no_grad()
-def eval_loss_of(model: torch.nn.Module, run_dir: Path) -> float:
-    """Mean eval cross-entropy of `model` on the run's eval set, tokenized as the run did."""
-    recipe = load_recipe(run_dir / "recipe.resolved.yaml")
-    tokenizer = AutoTokenizer.from_pretrained(recipe.model.name_or_path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    splits = load_splits(recipe.data)
-    tokenized = tokenize_splits(splits, recipe.data, resolve_labels(splits, recipe.data, recipe.task.num_labels), tokenizer).eval
-    batch = DataCollatorWithPadding(tokenizer)([tokenized[i] for i in range(len(tokenized))])
-    model.eval()
-    return float(model(**batch).loss)
 
 
 def test_single_text_run_writes_everything_and_the_model_reloads(tmp_path, assets):
