@@ -2,26 +2,34 @@
 written last, then renamed into place. Only sealed checkpoints are ever resumed from, and old ones are
 rotated out only after the new one is committed.
 
-A checkpoint holds Accelerate's `save_state` (model, optimizer, RNG states of every rank, custom
-objects: the training position and the LR scheduler) plus `manifest.json`.
+A checkpoint holds Accelerate's `save_state` (model, optimizer, custom objects: the LR scheduler), one
+`rng_state_rank<N>.pt` per rank (Python, NumPy, CPU and accelerator generators, NPU included) and
+`manifest.json` (training position, run identity, library versions, sha256 of every file).
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import os
+import random
 import re
 import shutil
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
+import numpy as np
+import torch
 from accelerate import Accelerator
 
 CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
 NAME_PATTERN = re.compile(r"^step-(\d{8})$")
+RNG_FILE = "rng_state_rank{rank}.pt"
+VERSIONED_LIBRARIES = ("launcher", "torch", "transformers", "accelerate", "peft", "deepspeed", "torch_npu")
 
 
 class CheckpointError(RuntimeError):
@@ -73,6 +81,36 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def library_versions() -> dict[str, str]:
+    versions = {}
+    for name in VERSIONED_LIBRARIES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def capture_rng(device_type: str) -> dict[str, Any]:
+    """Every generator dropout and shuffling can draw from in this process. Accelerate's own copy leaves out
+    NPUs (torch_npu's `torch.npu`), hence this file."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "cpu": torch.get_rng_state()}
+    if device_type != "cpu":
+        state[device_type] = getattr(torch, device_type).get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any], device_type: str, source: Path) -> None:
+    missing = [key for key in ("python", "numpy", "cpu", device_type) if key not in state]
+    if missing:
+        raise CheckpointError(f"{source}: holds no random state for {', '.join(missing)}; the resumed run would differ")
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["cpu"])
+    if device_type != "cpu":
+        getattr(torch, device_type).set_rng_state_all(state[device_type])
+
+
 class Checkpointer:
     """Saves, finds, verifies and loads the checkpoints of one run directory."""
 
@@ -82,40 +120,57 @@ class Checkpointer:
         self.keep_last = keep_last
         self.identity = identity
 
-    def save(self, position: TrainPosition, extra_manifest: Optional[dict[str, Any]] = None) -> Path:
-        """Write one complete checkpoint for `position`; every rank must call it."""
+    def save(self, position: TrainPosition) -> Path:
+        """Write one complete checkpoint for `position`; every rank must call it. If any rank fails to write,
+        every rank raises `CheckpointError` and the previous checkpoints stay as they were."""
         name = f"step-{position.optimizer_step:08d}"
         final, staging = self.root / name, self.root / f".incomplete-{name}"
         main = self.accelerator.is_main_process
-        if main:
-            for stale in self.root.glob(".incomplete-*"):  # left by a run killed mid-save
-                shutil.rmtree(stale)
-            staging.mkdir(parents=True)
-        self.accelerator.wait_for_everyone()
-        try:
-            self.accelerator.save_state(str(staging))
-            self.accelerator.wait_for_everyone()
-            if main:
-                self.seal(staging, position, extra_manifest or {})
-                if final.exists():
-                    shutil.rmtree(final)
-                os.rename(staging, final)
-                fsync_dir(self.root)
-                self.rotate()
-        except OSError as err:
-            if main:
-                shutil.rmtree(staging, ignore_errors=True)
-            previous = self.latest()
-            raise CheckpointError(
-                f"writing checkpoint {name} failed ({err.strerror or err}); "
-                f"the previous checkpoint {'is ' + str(previous) if previous else 'does not exist'} and is untouched"
-            ) from err
-        self.accelerator.wait_for_everyone()
+        self.agree(attempt(lambda: self.prepare(staging)) if main else None, name, staging)
+        self.agree(attempt(lambda: self.write_state(staging)), name, staging)
+        self.agree(attempt(lambda: self.commit(staging, final, position)) if main else None, name, staging)
         return final
 
-    def seal(self, staging: Path, position: TrainPosition, extra: dict[str, Any]) -> None:
+    def prepare(self, staging: Path) -> None:
+        for stale in self.root.glob(".incomplete-*"):  # left by a run killed mid-save
+            shutil.rmtree(stale)
+        staging.mkdir(parents=True)
+
+    def write_state(self, staging: Path) -> None:
+        self.accelerator.save_state(str(staging))
+        rng_path = staging / RNG_FILE.format(rank=self.accelerator.process_index)
+        torch.save(capture_rng(self.accelerator.device.type), rng_path)
+
+    def commit(self, staging: Path, final: Path, position: TrainPosition) -> None:
+        self.seal(staging, position)
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(staging, final)
+        fsync_dir(self.root)
+        self.rotate()
+
+    def agree(self, error: Optional[BaseException], name: str, staging: Path) -> None:
+        """Every rank learns whether any rank failed (one all-reduce), so no rank waits for a failed peer."""
+        failures = torch.tensor(0.0 if error is None else 1.0, device=self.accelerator.device)
+        if self.accelerator.reduce(failures, reduction="sum").item() == 0:
+            return
+        if self.accelerator.is_main_process:
+            shutil.rmtree(staging, ignore_errors=True)
+        previous = self.latest()
+        reason = describe_write_error(error, self.root) if error else "another rank failed to write its part"
+        raise CheckpointError(
+            f"writing checkpoint {self.root / name} failed: {reason}. The previous checkpoint "
+            f"{'(' + str(previous) + ') is untouched and loadable' if previous else 'does not exist'}"
+        ) from error
+
+    def seal(self, staging: Path, position: TrainPosition) -> None:
         files = {str(p.relative_to(staging)): sha256_of(p) for p in sorted(staging.rglob("*")) if p.is_file()}
-        manifest = {"position": position.state_dict(), "identity": self.identity, "files": files, **extra}
+        manifest = {
+            "position": position.state_dict(),
+            "identity": self.identity,
+            "versions": library_versions(),
+            "files": files,
+        }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
         fsync_tree(staging)
 
@@ -139,7 +194,10 @@ class Checkpointer:
         manifest_path = folder / MANIFEST
         if not manifest_path.is_file():
             raise CheckpointError(f"{folder}: no {MANIFEST}; it is not a complete checkpoint")
-        manifest = json.loads(manifest_path.read_text())
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except (ValueError, UnicodeDecodeError) as err:
+            raise CheckpointError(f"{manifest_path}: unreadable ({err}); the checkpoint is corrupted") from err
         for relative, digest in manifest["files"].items():
             path = folder / relative
             if not path.is_file():
@@ -160,9 +218,35 @@ class Checkpointer:
             )
 
     def load(self, folder: Path, position: TrainPosition, allow_changed: bool) -> None:
-        """Restore everything `save` wrote into the prepared objects and `position`."""
+        """Restore everything `save` wrote into the prepared objects, the random generators and `position`."""
         manifest = self.verify(folder)
         if not allow_changed:
             self.check_identity(folder, manifest)
         self.accelerator.load_state(str(folder))
+        self.load_rng(folder, allow_changed)
         position.load_state_dict(manifest["position"])
+
+    def load_rng(self, folder: Path, allow_changed: bool) -> None:
+        """This rank's generators, strictly: Accelerate only logs an INFO line when it cannot restore them."""
+        path = folder / RNG_FILE.format(rank=self.accelerator.process_index)
+        if not path.is_file():
+            if not allow_changed:
+                raise CheckpointError(f"{path}: missing; without it this rank's dropout and shuffling would differ")
+            warnings.warn(f"{path} is missing (changed world size?); this rank keeps its freshly seeded generators")
+            return
+        restore_rng(torch.load(path, weights_only=False), self.accelerator.device.type, path)
+
+
+def attempt(action: Callable[[], None]) -> Optional[Exception]:
+    """Run `action`, returning what it raised: torch.save, safetensors and the OS report a full disk as
+    RuntimeError, SafetensorError or OSError, and all of them mean this checkpoint is unusable."""
+    try:
+        action()
+    except Exception as err:  # noqa: BLE001 - see the docstring; the caller re-raises as CheckpointError
+        return err
+    return None
+
+
+def describe_write_error(error: BaseException, root: Path) -> str:
+    free = shutil.disk_usage(root if root.exists() else root.parent).free
+    return f"{type(error).__name__}: {error} ({free / 2**20:.1f} MiB free on that file system)"

@@ -7,9 +7,9 @@ types are rejected at every depth; cross-field rules live here, once, not in the
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 Precision = Literal["fp32", "bf16", "fp16"]
 MetricName = Literal[
@@ -22,6 +22,17 @@ class Section(BaseModel):
     """Base of every recipe section: unknown keys are errors, docstrings are field docs."""
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_default=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _booleans_only_where_booleans_belong(cls, value: Any, info: ValidationInfo) -> Any:
+        """pydantic's lax mode reads `true` as the number 1 and `yes` / 1 as true: in a recipe both are mistakes."""
+        wants_bool = cls.model_fields[info.field_name].annotation is bool
+        if wants_bool and not isinstance(value, bool):
+            raise ValueError("must be true or false")
+        if isinstance(value, bool) and not wants_bool:
+            raise ValueError("true/false is not a valid value here")
+        return value
 
 
 class ModelSection(Section):
@@ -65,7 +76,7 @@ class DataSection(Section):
     """Use a seeded subset of this many training examples: `shuffle(seed=subset_seed).select(range(n))`, as the tutorials do."""
     eval_samples: Optional[int] = Field(default=None, ge=1)
     """Seeded subset of the evaluation set, as `train_samples`."""
-    subset_seed: int = 42
+    subset_seed: int = Field(default=42, ge=0, lt=2**32)
     """Seed of the subset selection and of `eval_fraction`."""
     max_length: int = Field(default=512, ge=8)
     """Truncate tokenized inputs to this many tokens."""
@@ -124,7 +135,7 @@ class TrainingSection(Section):
     """Compute precision: fp32, or bf16 / fp16 mixed precision (autocast) through Accelerate."""
     precision_fallback: bool = False
     """If bf16/fp16 is requested on hardware without it, fall back to fp32 with a warning instead of failing."""
-    seed: int = 42
+    seed: int = Field(default=42, ge=0, lt=2**32)
     """Seed of model init (classification head), shuffling and dropout. Same recipe + seed = same losses on CPU."""
     log_every_steps: int = Field(default=10, ge=1)
     """Write a metrics-log line every this many optimizer steps."""
@@ -135,6 +146,9 @@ class TrainingSection(Section):
     """Timeout of collectives (gloo/nccl/hccl): a rank that stops answering ends the run after this."""
     compile: bool = False
     """Wrap the model in `torch.compile`."""
+    log_sample_fingerprints: bool = False
+    """Debug: add `sample_fingerprints` (crc32 of each example's token ids, all ranks, in order) to every train log
+    record, to check which examples each step saw (e.g. that a resumed run continues the data order exactly)."""
 
 
 class EvaluationSection(Section):

@@ -29,7 +29,8 @@ from accelerate.utils import set_seed
 from launcher.checkpointing import CheckpointError, Checkpointer, TrainPosition
 from launcher.data import DataError, build_dataloaders, load_splits, resolve_labels, tokenize_splits
 from launcher.devices import PrecisionError, detect_device, resolve_precision
-from launcher.distributed import LaunchError, build_accelerator, launched_world_size
+from launcher.distributed import LaunchError, build_accelerator
+from launcher.memory_plan import Topology, load_topology
 from launcher.modeling import count_parameters, export_model, load_model, load_tokenizer
 from launcher.optimization import build_optimizer, build_scheduler, total_optimizer_steps, warmup_steps
 from launcher.preflight import RunPlan, check_recipe
@@ -64,8 +65,13 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="recipe overrides, typed by the schema")
     parser.add_argument("--check", action="store_true", help="validate the recipe and data, print the plan, exit 0/1")
     parser.add_argument(
-        "--processes", type=int, default=None, help="with --check: plan for this many processes (default: this launch)"
+        "--processes", type=int, default=None,
+        help="with --check: plan for this many processes (default: the --accelerate-config's, else this launch)"
     )
+    parser.add_argument("--accelerate-config", default=None, metavar="FILE",
+                        help="with --check: plan memory for this accelerate_configs/ topology (DDP, ZeRO stage, offload, FSDP)")
+    parser.add_argument("--device-memory-gib", type=float, default=None, metavar="GIB",
+                        help="with --check: memory of one device; the plan then says whether the run fits")
     return parser.parse_intermixed_args(argv)  # overrides may come before or after the options
 
 
@@ -74,7 +80,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         recipe = load_recipe(args.recipe, args.overrides)
         if args.check:
-            return check(recipe, args.processes or launched_world_size())
+            return check(recipe, load_topology(args.accelerate_config, args.processes, args.device_memory_gib))
         session = setup(recipe)
         finished = session.trainer.train()
         return cleanup(session, finished)
@@ -83,8 +89,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 1
 
 
-def check(recipe: Recipe, world_size: int) -> int:
-    plan, problems = check_recipe(recipe, world_size, detect_device())
+def check(recipe: Recipe, topology: Topology) -> int:
+    plan, problems = check_recipe(recipe, topology, detect_device())
     print(plan.describe())
     for problem in problems:
         print(f"error: {problem}", file=sys.stderr)

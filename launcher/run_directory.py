@@ -1,13 +1,18 @@
 """The run directory: what it holds, when a new run may use it, and the resolved recipe written into it.
 
-A run never deletes or overwrites another run's outputs unless the recipe says `output.overwrite: true`.
+A run never deletes or overwrites another run's outputs unless the recipe says `output.overwrite: true`, and
+even then only once it has finished: until then the previous outputs wait in `replaced-<time>/`, so a run
+that fails loses nothing.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import tempfile
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -18,6 +23,7 @@ from launcher.recipe import Recipe
 
 RESOLVED_RECIPE = "recipe.resolved.yaml"
 RUN_SUMMARY = "run_summary.json"
+REPLACED_PREFIX = "replaced-"
 RUN_OUTPUTS = (CHECKPOINTS, "model", "adapter", "tensorboard", "metrics.jsonl", RUN_SUMMARY, RESOLVED_RECIPE)
 
 
@@ -52,23 +58,32 @@ def check_run_directory(recipe: Recipe) -> None:
 
 
 def prepare_run_directory(recipe: Recipe, is_main_process: bool) -> Path:
-    """Create the directory, clear a previous run when overwriting, write the resolved recipe (main process only)."""
+    """Create the directory, set a previous run's outputs aside when overwriting, write the resolved recipe
+    (main process only)."""
     out = Path(recipe.output.dir)
     if is_main_process:
         if recipe.output.overwrite and recipe.output.resume_from is None:
-            for name in RUN_OUTPUTS:
-                target = out / name
-                if target.is_dir():
-                    shutil.rmtree(target)
-                elif target.exists():
-                    target.unlink()
+            set_aside_previous_outputs(out)
         out.mkdir(parents=True, exist_ok=True)
         (out / RESOLVED_RECIPE).write_text(recipe_yaml(recipe), encoding="utf-8")
     return out
 
 
+def set_aside_previous_outputs(out: Path) -> None:
+    present = [out / name for name in RUN_OUTPUTS if (out / name).exists()]
+    if not present:
+        return
+    aside = Path(tempfile.mkdtemp(prefix=f"{REPLACED_PREFIX}{time.strftime('%Y%m%d-%H%M%S')}-", dir=out))
+    for path in present:
+        os.rename(path, aside / path.name)
+    print(f"output.overwrite: the previous run's outputs are in {aside} until this run finishes")
+
+
 def write_run_summary(run_dir: Path, summary: dict[str, Any]) -> None:
+    """Mark the run finished; only now are outputs that an overwrite set aside removed."""
     (run_dir / RUN_SUMMARY).write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    for replaced in run_dir.glob(f"{REPLACED_PREFIX}*"):
+        shutil.rmtree(replaced)
 
 
 def read_run_summary(run_dir: str | Path) -> Optional[dict[str, Any]]:

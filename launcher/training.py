@@ -3,15 +3,20 @@ and `save_checkpoint`."""
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
+import traceback
+import zlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 from torch.utils.data import DataLoader
 
 from launcher.checkpointing import Checkpointer, TrainPosition
@@ -22,7 +27,11 @@ from launcher.stopping import StopRequest
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss or gradient norm became NaN/inf and the recipe says stop."""
+    """The loss, gradient norm or weights became NaN/inf (and, for loss and gradient, the recipe says stop)."""
+
+
+class CollectiveError(RuntimeError):
+    """A collective (all-reduce, barrier) failed or timed out: a peer rank died or stopped responding."""
 
 
 @dataclass
@@ -36,6 +45,14 @@ class StepResult:
     real_tokens: int
     padded_tokens: int
     seconds: float
+    sample_fingerprints: Optional[list[int]] = None
+
+
+def raised_by_collective(err: RuntimeError) -> bool:
+    """A failed or timed-out collective: gloo reports these as a plain RuntimeError, so look at where it came from."""
+    if isinstance(err, torch.distributed.DistError):
+        return True
+    return any(Path(frame.filename).match("torch/distributed/*.py") for frame in traceback.extract_tb(err.__traceback__))
 
 
 class Trainer:
@@ -67,6 +84,7 @@ class Trainer:
         self.reporter: Optional[RunReporter] = None
         self.last_saved_step = position.optimizer_step if position.optimizer_step else -1
         self.final_metrics: dict[str, float] = {}
+        self.window_fingerprints: list[int] = []
 
     def train(self) -> bool:
         """Train to the end of the schedule; returns False when stopped early by a signal (after checkpointing)."""
@@ -76,6 +94,16 @@ class Trainer:
                 if not self.train_epoch():
                     return False
             return True
+        except RuntimeError as err:
+            if not raised_by_collective(err):
+                raise
+            raise CollectiveError(
+                f"rank {self.accelerator.process_index}: a collective failed in optimizer step "
+                f"{self.position.optimizer_step + 1} (epoch {self.position.epoch}; step {self.position.optimizer_step} "
+                f"completed): a peer rank died or did not answer within training.collective_timeout_s="
+                f"{self.recipe.training.collective_timeout_s}. Resume from the latest checkpoint with "
+                f"output.resume_from=auto. ({type(err).__name__}: {str(err).splitlines()[0]})"
+            ) from err
         finally:
             self.reporter.close()
 
@@ -83,7 +111,7 @@ class Trainer:
         """One (possibly resumed) pass over the training data; False when a stop was requested."""
         self.model.train()
         self.train_loader.set_epoch(self.position.epoch)
-        batches = self.accelerator.skip_first_batches(self.train_loader, self.position.batches_in_epoch)
+        batches = self.epoch_batches()
         # Per rank, over one accumulation window: loss sum, samples, real tokens, padded tokens.
         window = torch.zeros(4, dtype=torch.float64, device=self.accelerator.device)
         window_start = time.perf_counter()
@@ -104,6 +132,17 @@ class Trainer:
         self.end_epoch()
         return True
 
+    def epoch_batches(self):
+        """The rest of this epoch's batches. Starting a DataLoader iterator draws a worker seed from the global CPU
+        generator. An uninterrupted run made that draw when the epoch began, before any checkpoint inside it, so a
+        run resumed mid-epoch starts its iterator off the global stream: dropout then sees the same numbers."""
+        batches = iter(self.accelerator.skip_first_batches(self.train_loader, self.position.batches_in_epoch))
+        if self.position.batches_in_epoch == 0:
+            return batches
+        with torch.random.fork_rng(devices=[]):
+            first = next(batches, None)
+        return itertools.chain([first] if first is not None else [], batches)
+
     def micro_batches_in_window(self) -> int:
         """Batches accumulated into this optimizer step (fewer at an epoch's ragged end)."""
         accumulation = self.recipe.training.gradient_accumulation_steps
@@ -116,6 +155,9 @@ class Trainer:
             loss = self.model(**batch).loss
             self.accelerator.backward(loss)
         mask = batch["attention_mask"]
+        if self.recipe.training.log_sample_fingerprints:
+            self.window_fingerprints += [zlib.crc32(ids[row.bool()].cpu().numpy().tobytes())
+                                         for ids, row in zip(batch["input_ids"], mask)]
         counts = (loss.detach().double(), mask.shape[0], mask.sum().double(), mask.numel())
         return torch.stack([torch.as_tensor(c, dtype=torch.float64, device=mask.device) for c in counts])
 
@@ -141,7 +183,11 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         # .tolist() above waited for the device, so the clock covers the real work of this step.
         seconds = time.perf_counter() - window_start
-        return StepResult(loss, grad_norm, not finite, int(samples), int(real_tokens), int(padded_tokens), seconds)
+        fingerprints = None
+        if training.log_sample_fingerprints:
+            fingerprints = gather_object(self.window_fingerprints)
+            self.window_fingerprints = []
+        return StepResult(loss, grad_norm, not finite, int(samples), int(real_tokens), int(padded_tokens), seconds, fingerprints)
 
     def after_step(self, result: StepResult) -> None:
         self.position.optimizer_step += 1
@@ -158,6 +204,8 @@ class Trainer:
                 record["grad_norm"] = result.grad_norm
             if result.skipped:
                 record["skipped_nonfinite"] = True
+            if result.sample_fingerprints is not None:
+                record["sample_fingerprints"] = result.sample_fingerprints
             self.reporter.log("train", step, record)
         every = self.recipe.evaluation.every_steps
         if every and step % every == 0:
@@ -196,5 +244,17 @@ class Trainer:
     def save_checkpoint(self) -> None:
         if self.position.optimizer_step == self.last_saved_step:
             return
+        self.check_weights_finite()
         self.checkpointer.save(self.position)
         self.last_saved_step = self.position.optimizer_step
+
+    def check_weights_finite(self) -> None:
+        """Refuse to checkpoint NaN/inf weights (a finite loss does not prove finite weights), on every rank alike."""
+        local = any(not torch.isfinite(p).all() for p in self.model.parameters())
+        bad = self.accelerator.reduce(torch.tensor(float(local), device=self.accelerator.device), reduction="sum")
+        if bad.item() > 0:
+            raise NonFiniteLossError(
+                f"weights hold NaN/inf after optimizer step {self.position.optimizer_step}; they were not checkpointed "
+                f"and the latest checkpoint stays {self.checkpointer.latest() or '(none)'}. Lower training.lr or set "
+                "training.max_grad_norm"
+            )
