@@ -1,0 +1,231 @@
+"""The launcher against the seed tutorials' way, back to back in one invocation, on the same samples.
+
+    python -m benchmarks.compare recipes/demo.yaml [a.b=value ...] --samples 1000 --repeats 3
+
+Runs, interleaved `--repeats` times: the two tutorial baselines (`benchmarks.tutorial_baselines`) and the
+launcher's variants through its real entry point (`python launcher/run.py RECIPE ...`, or under `--launch`,
+e.g. `--launch "accelerate launch --num_processes 2" --processes 2`). Each run is a fresh process; its
+numbers come from its metrics.jsonl, its peak memory from watching it. Writes NAME.json / .md / .png into
+benchmarks/results/. See docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import shlex
+import shutil
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from launcher.devices import DeviceInfo, detect_device, supports
+from launcher.flops import PeakFlops, TransformerShape, peak_bf16_flops, shape_from_pretrained
+from launcher.recipe import Recipe
+from launcher.recipe_loader import load_recipe
+from launcher.reporting import read_metrics_log
+
+from benchmarks.environment import describe_machine, load_1min
+from benchmarks.measure import MeasureError, measure_run, ratios, summarize_repeats
+from benchmarks.processes import run_child
+from benchmarks.report import first_failure, markdown_table, write_results
+
+REPO = Path(__file__).resolve().parent.parent
+RUN_PY = REPO / "launcher" / "run.py"
+BASELINES = ("tutorial_max_length", "tutorial_dynamic")
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    why: str
+    tutorial_way: Optional[str] = None  # set for the baselines, which run benchmarks.tutorial_baselines
+    overrides: tuple[str, ...] = ()
+    env: tuple[tuple[str, str], ...] = ()
+    needs: Optional[str] = None  # "bf16" or "cpu": skipped where the hardware lacks it
+
+
+VARIANTS = (
+    Variant("tutorial_max_length", "baseline 1: Trainer, every text padded to 322 (Yelp tutorials)", tutorial_way="max_length"),
+    Variant("tutorial_dynamic", "baseline 2: Trainer + DataCollatorWithPadding (MRPC tutorial)", tutorial_way="dynamic"),
+    Variant("launcher_default", "the recipe as given"),
+    Variant("launcher_dynamic", "dynamic padding, random batches", overrides=("data.padding=dynamic", "data.group_by_length=false")),
+    Variant("launcher_group_by_length", "dynamic padding, length-grouped batches", overrides=("data.padding=dynamic", "data.group_by_length=true")),
+    Variant("launcher_bf16", "bf16 autocast", overrides=("training.precision=bf16",), needs="bf16"),
+    Variant("launcher_compile", "torch.compile", overrides=("training.compile=true",)),
+    Variant("launcher_1_thread", "one intra-op thread (OMP_NUM_THREADS=1)", env=(("OMP_NUM_THREADS", "1"),), needs="cpu"),
+)
+DEFAULT_VARIANTS = tuple(v.name for v in VARIANTS if v.name != "launcher_compile")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything fixed for one invocation; each run differs only by its variant."""
+
+    recipe_path: str
+    overrides: tuple[str, ...]
+    recipe: Recipe
+    samples: int
+    warmup_steps: int
+    repeats: int
+    processes: int
+    launch: tuple[str, ...]
+    work_dir: Path
+    timeout_s: float
+    device: DeviceInfo
+    shape: TransformerShape
+    peak: Optional[PeakFlops]
+
+    def steps(self, processes: int) -> int:
+        training = self.recipe.training
+        return self.samples // (training.per_device_batch_size * training.gradient_accumulation_steps * processes)
+
+
+def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Compare the launcher with the tutorials' Trainer on the same samples.")
+    parser.add_argument("recipe", help="recipe YAML file")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="recipe overrides for every run")
+    parser.add_argument("--samples", type=int, default=None, help="training samples per run (default: data.train_samples)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each variant, interleaved")
+    parser.add_argument("--warmup-steps", type=int, default=10, help="optimizer steps left out of the timing")
+    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                        help=f"comma-separated, from: {', '.join(v.name for v in VARIANTS)}")
+    parser.add_argument("--processes", type=int, default=1, help="processes the --launch prefix starts (launcher variants)")
+    parser.add_argument("--launch", default=None, help='prefix for launcher runs, e.g. "accelerate launch --num_processes 2"')
+    parser.add_argument("--name", default=None, help="result file stem (default: RECIPE-DEVICE)")
+    parser.add_argument("--results-dir", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument("--work-dir", type=Path, default=REPO / "benchmarks" / "work",
+                        help="run folders go in WORK_DIR/NAME/ (kept for inspection)")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds before one run is killed")
+    return parser.parse_args(argv)
+
+
+def select_variants(names: str, device: DeviceInfo) -> list[Variant]:
+    by_name = {v.name: v for v in VARIANTS}
+    unknown = [n for n in names.split(",") if n not in by_name]
+    if unknown:
+        raise SystemExit(f"unknown variant(s) {unknown}; choose from {', '.join(by_name)}")
+    return [by_name[n] for n in names.split(",") if runs_on(by_name[n], device)]
+
+
+def runs_on(variant: Variant, device: DeviceInfo) -> bool:
+    if variant.needs == "cpu":
+        return device.type == "cpu"
+    if variant.needs == "bf16":
+        return supports(device, "bf16")
+    return True
+
+
+def make_plan(args: argparse.Namespace) -> Plan:
+    recipe = load_recipe(args.recipe, args.overrides)
+    samples = args.samples or recipe.data.train_samples
+    if samples is None:
+        raise SystemExit("--samples is required when the recipe has no data.train_samples")
+    device = detect_device()
+    return Plan(
+        args.recipe, tuple(args.overrides), recipe, samples, args.warmup_steps, args.repeats, args.processes,
+        tuple(shlex.split(args.launch)) if args.launch else (sys.executable,), args.work_dir / result_name(args, device),
+        args.timeout, device,
+        shape_from_pretrained(recipe.model.name_or_path, recipe.task.num_labels), peak_bf16_flops(device.name),
+    )
+
+
+def result_name(args: argparse.Namespace, device: DeviceInfo) -> str:
+    return args.name or f"{Path(args.recipe).stem}-{device.type}"
+
+
+def command_for(plan: Plan, variant: Variant, out: Path) -> list[str]:
+    if variant.tutorial_way:
+        return [sys.executable, "-m", "benchmarks.tutorial_baselines", plan.recipe_path, *plan.overrides,
+                "--way", variant.tutorial_way, "--steps", str(plan.steps(1)), "--out", str(out)]
+    # Log every step, evaluate once at the end, and write no checkpoints: none of it is inside a timed step.
+    measurement = (
+        f"output.dir={out}", "output.overwrite=true", "output.resume_from=null", "output.report_to=none",
+        "output.save_every_epoch=false", "output.save_every_steps=null", "evaluation.every_steps=null",
+        "training.log_every_steps=1", f"training.max_steps={plan.steps(plan.processes)}",
+    )
+    return [*plan.launch, str(RUN_PY), plan.recipe_path, *plan.overrides, *variant.overrides, *measurement]
+
+
+def run_once(plan: Plan, variant: Variant, repeat: int) -> dict[str, Any]:
+    """One fresh process of `variant`, measured; a failed run is recorded with its log tail, not raised."""
+    out = plan.work_dir / f"{variant.name}-{repeat}"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    command = command_for(plan, variant, out)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+           "TOKENIZERS_PARALLELISM": "false", **dict(variant.env)}
+    load = load_1min()
+    child = run_child(command, env, out / "output.log", plan.timeout_s)
+    run = {"repeat": repeat, "log_dir": str(out), "load_1min": load, "wall_seconds": child.wall_seconds,
+           "peak_rss_bytes": child.peak_rss_bytes, "returncode": child.returncode}
+    devices = 1 if variant.tutorial_way else plan.processes
+    try:
+        if child.returncode != 0:
+            raise MeasureError(f"exit code {child.returncode}")
+        run.update(measure_run(read_metrics_log(out), plan.warmup_steps, plan.shape, plan.peak, devices))
+    except (MeasureError, OSError) as err:
+        tail = (out / "output.log").read_text(encoding="utf-8", errors="replace")[-2000:]
+        run["error"] = f"{err}\n{tail}"
+    return run
+
+
+def compare(plan: Plan, variants: list[Variant]) -> list[dict[str, Any]]:
+    """All runs, interleaved so that changing machine load falls on every variant alike."""
+    # The command as run, with R standing for the repeat number in the run folder.
+    results = [{"name": v.name, "why": v.why, "command": shlex.join(command_for(plan, v, plan.work_dir / f"{v.name}-R")),
+                "env": dict(v.env), "runs": []} for v in variants]
+    for repeat in range(plan.repeats):
+        for variant, result in zip(variants, results):
+            print(f"[{repeat + 1}/{plan.repeats}] {variant.name} (load {load_1min():.1f}) ...", flush=True)
+            result["runs"].append(run_once(plan, variant, repeat))
+    for result in results:
+        good = [r for r in result["runs"] if "error" not in r]
+        if good:
+            result["summary"] = summarize_repeats(good)
+    baselines = {r["name"]: r["summary"] for r in results if r["name"] in BASELINES and "summary" in r}
+    for result in results:
+        if "summary" in result:
+            result["ratios"] = {name: ratios(result["summary"], summary) for name, summary in baselines.items()}
+    return results
+
+
+def flops_description(plan: Plan) -> dict[str, Any]:
+    peak = (f"peak {plan.peak.tflops:g} TFLOP/s dense bf16 per device ({plan.peak.source})" if plan.peak
+            else "no peak for this device (CPU or not in launcher/flops.py): achieved FLOP/s reported, no MFU")
+    return {"formula": "6N + 12*L*H*Q*T per real token (PaLM appendix B), N = non-embedding parameters",
+            "shape": asdict(plan.shape), "peak": peak}
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    plan = make_plan(args)
+    variants = select_variants(args.variants, plan.device)
+    started = datetime.datetime.now(datetime.timezone.utc)
+    results = compare(plan, variants)
+    result = {
+        "command": shlex.join(["python", "-m", "benchmarks.compare", *(argv if argv is not None else sys.argv[1:])]),
+        "started": started.isoformat(timespec="seconds"),
+        "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": describe_machine(plan.device),
+        "settings": {"recipe_path": plan.recipe_path, "overrides": list(plan.overrides), "samples": plan.samples,
+                     "per_device_batch_size": plan.recipe.training.per_device_batch_size, "warmup_steps": plan.warmup_steps,
+                     "repeats": plan.repeats, "processes": plan.processes, "launch": list(plan.launch)},
+        "flops": flops_description(plan),
+        "recipe": plan.recipe.model_dump(mode="json"),
+        "baselines": [name for name in BASELINES if name in args.variants.split(",")],
+        "variants": results,
+    }
+    paths = write_results(result, args.results_dir, result_name(args, plan.device))
+    print(markdown_table(result))
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    failed = first_failure(result)
+    if failed:
+        print(f"error: variant {failed} failed; see its log in the JSON", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""From one run's metrics log (launcher or tutorial baseline) to its throughput, step times, FLOP/s and accuracy.
+
+Only optimizer steps after the warm-up count: the first steps pay for allocator growth, lazy kernel
+selection and (with torch.compile) compilation.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any, Optional, Sequence
+
+from launcher.flops import PeakFlops, TransformerShape, model_flops_utilization, training_flops
+
+
+class MeasureError(ValueError):
+    """A run's log cannot give the numbers asked for."""
+
+
+def spread(values: Sequence[float]) -> dict[str, float]:
+    """min / median / max of a non-empty sequence."""
+    return {"min": min(values), "median": statistics.median(values), "max": max(values)}
+
+
+def measured_steps(records: list[dict[str, Any]], warmup_steps: int) -> list[dict[str, Any]]:
+    steps = [r for r in records if r["kind"] == "train"]
+    if len(steps) <= warmup_steps:
+        raise MeasureError(
+            f"the log has {len(steps)} train records, none left after {warmup_steps} warm-up steps: train more "
+            "samples, lower --warmup-steps, or log every step (training.log_every_steps=1)"
+        )
+    return steps[warmup_steps:]
+
+
+def final_eval(records: list[dict[str, Any]]) -> dict[str, Any]:
+    evals = [r for r in records if r["kind"] == "eval"]
+    if not evals:
+        raise MeasureError("the log has no eval record: the recipe needs an eval set to compare accuracy")
+    return evals[-1]
+
+
+def measure_run(
+    records: list[dict[str, Any]],
+    warmup_steps: int,
+    shape: TransformerShape,
+    peak: Optional[PeakFlops],
+    devices: int,
+) -> dict[str, Any]:
+    """Throughput over the post-warm-up steps (sums over ranks, as the log holds them) and final accuracy."""
+    steps = measured_steps(records, warmup_steps)
+    seconds = sum(r["step_seconds"] for r in steps)
+    samples = sum(r["samples"] for r in steps)
+    real = sum(r["real_tokens"] for r in steps)
+    padded = sum(r["padded_tokens"] for r in steps)
+    flops = sum(training_flops(shape, r["real_tokens"], r["samples"]) for r in steps)
+    evaluation = final_eval(records)
+    return {
+        "steps_measured": len(steps),
+        "samples_measured": samples,
+        "seconds_measured": seconds,
+        "samples_per_s": samples / seconds,
+        "samples_per_s_per_device": samples / seconds / devices,
+        "real_tokens_per_s": real / seconds,
+        "padded_tokens_per_s": padded / seconds,
+        "padding_efficiency": real / padded,
+        "step_seconds": spread([r["step_seconds"] for r in steps]),
+        "model_flops_per_s": flops / seconds,
+        "mfu": model_flops_utilization(flops / seconds, peak, devices),
+        "accuracy": evaluation.get("accuracy"),
+        "eval_examples": evaluation.get("examples"),
+        "peak_device_memory_bytes": evaluation.get("peak_device_memory_bytes"),
+    }
+
+
+SUMMARIZED = ("samples_per_s", "real_tokens_per_s", "padded_tokens_per_s", "padding_efficiency",
+              "model_flops_per_s", "mfu", "accuracy", "peak_rss_bytes", "wall_seconds", "load_1min")
+
+
+def summarize_repeats(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """min / median / max over repeats of each headline number; step times: min of the minima, median of the
+    per-run medians, max of the maxima."""
+    summary = {key: spread([r[key] for r in runs]) for key in SUMMARIZED if all(r.get(key) is not None for r in runs)}
+    summary["step_seconds"] = {
+        "min": min(r["step_seconds"]["min"] for r in runs),
+        "median": statistics.median(r["step_seconds"]["median"] for r in runs),
+        "max": max(r["step_seconds"]["max"] for r in runs),
+    }
+    return summary
+
+
+def ratios(summary: dict[str, Any], baseline: dict[str, Any]) -> dict[str, float]:
+    """Median throughput over the baseline's median, and the accuracy difference (median, after the same samples)."""
+    result = {
+        f"{key}_x": summary[key]["median"] / baseline[key]["median"]
+        for key in ("samples_per_s", "real_tokens_per_s")
+    }
+    if "accuracy" in summary and "accuracy" in baseline:
+        result["accuracy_delta"] = summary["accuracy"]["median"] - baseline["accuracy"]["median"]
+    return result

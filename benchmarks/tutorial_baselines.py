@@ -1,0 +1,190 @@
+"""The seed tutorials' way of fine-tuning, timed like the launcher, as the baselines of `benchmarks.compare`.
+
+    python -m benchmarks.tutorial_baselines RECIPE [a.b=value ...] --way max_length --steps 125 --out DIR
+
+- `max_length`: the Yelp tutorials, every text padded to `model_max_length=322` before training, plain
+  `transformers.Trainer` with its default collator.
+- `dynamic`: the MRPC tutorial, `DataCollatorWithPadding` pads each batch to its longest member.
+
+Model, data, subsets, label ids, per-device batch, seed and the optimizer's hyper-parameters come from the
+recipe (through the launcher's own loaders), so only the training machinery differs. The run writes a
+`metrics.jsonl` with the launcher's record layout (one `train` record per optimizer step, one `eval`
+record), which `benchmarks.measure` reads for both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+from accelerate.utils import set_seed
+from transformers import (
+    AutoConfig,
+    AutoTokenizer,
+    DataCollatorWithPadding,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    default_data_collator,
+)
+from transformers.utils import logging as hf_logging
+
+from launcher.data import load_splits, resolve_labels, tokenize_splits
+from launcher.metrics import compute_metrics
+from launcher.modeling import load_model
+from launcher.optimization import warmup_steps
+from launcher.recipe import Recipe
+from launcher.recipe_loader import load_recipe
+from launcher.reporting import METRICS_LOG
+
+TUTORIAL_MAX_LENGTH = 322  # the Yelp tutorials' `model_max_length`
+WAYS = ("max_length", "dynamic")
+
+
+class CountingCollator:
+    """Wraps a collator and keeps (samples, real tokens, padded tokens) of each batch it builds."""
+
+    def __init__(self, collate: Callable[[list], dict]):
+        self.collate = collate
+        self.pending: list[tuple[int, int, int]] = []
+
+    def __call__(self, features: list) -> dict:
+        batch = self.collate(features)
+        mask = batch["attention_mask"]
+        self.pending.append((int(mask.shape[0]), int(mask.sum()), int(mask.numel())))
+        return batch
+
+    def take(self) -> tuple[int, int, int]:
+        """Totals of the batches built since the last call."""
+        totals = tuple(int(sum(column)) for column in zip(*self.pending)) or (0, 0, 0)
+        self.pending.clear()
+        return totals
+
+
+def synchronize() -> None:
+    """Wait for queued device work, so a step's clock covers it (a no-op on CPU)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    elif hasattr(torch, "npu") and torch.npu.is_available():
+        torch.npu.synchronize()
+
+
+class StepClock(TrainerCallback):
+    """One launcher-style `train` record per optimizer step: from the end of the previous step (so data
+    loading is inside) to the end of this one (after the optimizer and scheduler step)."""
+
+    def __init__(self, collator: CountingCollator):
+        self.collator = collator
+        self.records: list[dict[str, Any]] = []
+        self.last = 0.0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.last = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        synchronize()
+        now = time.perf_counter()
+        samples, real, padded = self.collator.take()
+        self.records.append({
+            "kind": "train", "step": state.global_step, "samples": samples, "real_tokens": real,
+            "padded_tokens": padded, "step_seconds": now - self.last,
+        })
+        self.last = now
+
+
+def tutorial_recipe(recipe: Recipe, way: str, max_length: int) -> Recipe:
+    """The recipe's data section tokenized the tutorial's way (same texts, labels and truncation rule)."""
+    padding = "max_length" if way == "max_length" else "dynamic"
+    return recipe.model_copy(update={"data": recipe.data.model_copy(update={"padding": padding, "max_length": max_length})})
+
+
+def training_arguments(recipe: Recipe, steps: int, out: Path) -> TrainingArguments:
+    training = recipe.training
+    return TrainingArguments(
+        output_dir=str(out / "trainer"),
+        per_device_train_batch_size=training.per_device_batch_size,
+        per_device_eval_batch_size=recipe.eval_batch_size,
+        gradient_accumulation_steps=training.gradient_accumulation_steps,
+        max_steps=steps,
+        learning_rate=training.lr,
+        weight_decay=training.weight_decay,
+        adam_beta1=training.adam_betas[0],
+        adam_beta2=training.adam_betas[1],
+        adam_epsilon=training.adam_eps,
+        lr_scheduler_type="constant_with_warmup" if training.scheduler == "constant" else training.scheduler,
+        warmup_steps=warmup_steps(training, steps),
+        max_grad_norm=training.max_grad_norm or 0.0,
+        seed=training.seed,
+        dataloader_num_workers=recipe.data.num_workers,
+        save_strategy="no",
+        eval_strategy="no",
+        logging_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+    )
+
+
+def run_baseline(recipe: Recipe, way: str, steps: int, out: Path) -> list[dict[str, Any]]:
+    """Train `steps` optimizer steps the tutorial's way, evaluate once; returns the log records."""
+    set_seed(recipe.training.seed)
+    tokenizer = AutoTokenizer.from_pretrained(recipe.model.name_or_path)
+    max_length = tutorial_max_length(recipe) if way == "max_length" else tokenizer.model_max_length
+    recipe = tutorial_recipe(recipe, way, max_length)
+    splits = load_splits(recipe.data)
+    labels = resolve_labels(splits, recipe.data, recipe.task.num_labels)
+    tokenized = tokenize_splits(splits, recipe.data, labels, tokenizer)
+    collator = CountingCollator(default_data_collator if way == "max_length" else DataCollatorWithPadding(tokenizer))
+    clock = StepClock(collator)
+    trainer = Trainer(
+        model=load_model(recipe, labels, tokenizer),
+        args=training_arguments(recipe, steps, out),
+        train_dataset=tokenized.train,
+        data_collator=collator,
+        callbacks=[clock],
+    )
+    trainer.train()
+    prediction = trainer.predict(tokenized.eval)
+    metrics = compute_metrics(recipe.evaluation.metrics, np.argmax(prediction.predictions, axis=-1), prediction.label_ids)
+    evaluation = {"kind": "eval", "step": steps, **metrics, "examples": len(prediction.label_ids), "max_length": max_length}
+    if torch.cuda.is_available():
+        evaluation["peak_device_memory_bytes"] = torch.cuda.max_memory_allocated()
+    return [*clock.records, evaluation]
+
+
+def tutorial_max_length(recipe: Recipe) -> int:
+    """322, or fewer for a model with fewer positions (the tests' tiny BERT cannot take 322)."""
+    return min(TUTORIAL_MAX_LENGTH, AutoConfig.from_pretrained(recipe.model.name_or_path).max_position_embeddings)
+
+
+def write_log(out: Path, records: list[dict[str, Any]]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / METRICS_LOG).write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+
+
+def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Train a recipe the seed tutorials' way and log it like the launcher.")
+    parser.add_argument("recipe")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value")
+    parser.add_argument("--way", choices=WAYS, required=True)
+    parser.add_argument("--steps", type=int, required=True, help="optimizer steps to train")
+    parser.add_argument("--out", type=Path, required=True, help="folder for metrics.jsonl")
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    hf_logging.set_verbosity_error()
+    recipe = load_recipe(args.recipe, args.overrides)
+    write_log(args.out, run_baseline(recipe, args.way, args.steps, args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,87 @@
+"""The benchmark harness end to end on the tiny BERT: both tutorial baselines and launcher variants, a few steps."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from conftest import REPO, tiny_recipe, write_recipe
+
+# benchmarks/ is a folder of the repository, not part of the installed package.
+sys.path.insert(0, str(REPO))
+
+from benchmarks.compare import main as compare_main  # noqa: E402
+from benchmarks.measure import MeasureError, measure_run, ratios, summarize_repeats  # noqa: E402
+from launcher.flops import TransformerShape  # noqa: E402
+from launcher.reporting import read_metrics_log  # noqa: E402
+
+SHAPE = TransformerShape(non_embedding_params=1000, layers=2, heads=2, head_dim=16)
+LOG = [
+    {"kind": "train", "step": 1, "samples": 8, "real_tokens": 40, "padded_tokens": 80, "step_seconds": 9.0},
+    {"kind": "train", "step": 2, "samples": 8, "real_tokens": 60, "padded_tokens": 64, "step_seconds": 0.5},
+    {"kind": "train", "step": 3, "samples": 4, "real_tokens": 20, "padded_tokens": 32, "step_seconds": 1.5},
+    {"kind": "eval", "step": 3, "accuracy": 0.75, "examples": 32},
+]
+
+
+def test_measure_skips_warmup_and_sums_the_rest():
+    run = measure_run(LOG, warmup_steps=1, shape=SHAPE, peak=None, devices=1)
+    assert run["steps_measured"] == 2
+    assert run["samples_per_s"] == pytest.approx(12 / 2.0)
+    assert run["real_tokens_per_s"] == pytest.approx(80 / 2.0)
+    assert run["padded_tokens_per_s"] == pytest.approx(96 / 2.0)
+    assert run["padding_efficiency"] == pytest.approx(80 / 96)
+    assert run["step_seconds"] == {"min": 0.5, "median": 1.0, "max": 1.5}
+    # Per step: 60 tokens at T=7.5 and 20 tokens at T=5, each at 6N + 12*L*H*Q*T FLOPs per token.
+    flops = 60 * (6000 + 768 * 7.5) + 20 * (6000 + 768 * 5)
+    assert run["model_flops_per_s"] == pytest.approx(flops / 2.0)
+    assert run["mfu"] is None and run["accuracy"] == 0.75
+
+
+def test_measure_refuses_a_log_with_nothing_after_warmup():
+    with pytest.raises(MeasureError, match="warm-up"):
+        measure_run(LOG, warmup_steps=3, shape=SHAPE, peak=None, devices=1)
+
+
+def test_ratios_are_median_over_median():
+    fast = summarize_repeats([{"samples_per_s": s, "real_tokens_per_s": 2 * s, "accuracy": 0.8,
+                               "step_seconds": {"min": 1, "median": 1, "max": 1}} for s in (10.0, 30.0, 20.0)])
+    slow = summarize_repeats([{"samples_per_s": 5.0, "real_tokens_per_s": 5.0, "accuracy": 0.7,
+                               "step_seconds": {"min": 1, "median": 1, "max": 1}}])
+    assert fast["samples_per_s"] == {"min": 10.0, "median": 20.0, "max": 30.0}
+    assert ratios(fast, slow) == pytest.approx({"samples_per_s_x": 4.0, "real_tokens_per_s_x": 8.0, "accuracy_delta": 0.1})
+
+
+def test_compare_runs_baselines_and_launcher_and_writes_consistent_results(assets, tmp_path):
+    recipe = write_recipe(tmp_path / "tiny.yaml", tiny_recipe(assets, tmp_path / "unused"))
+    code = compare_main([
+        str(recipe), "--samples", "32", "--warmup-steps", "1", "--repeats", "1",
+        "--variants", "tutorial_max_length,tutorial_dynamic,launcher_group_by_length",
+        "--results-dir", str(tmp_path / "results"), "--work-dir", str(tmp_path / "work"), "--name", "tiny",
+    ])
+    assert code == 0
+    result = json.loads((tmp_path / "results" / "tiny.json").read_text())
+    assert (tmp_path / "results" / "tiny.png").stat().st_size > 0
+    assert "| launcher_group_by_length |" in (tmp_path / "results" / "tiny.md").read_text()
+    assert result["machine"]["cpu_cores_logical"] >= 1 and result["machine"]["libraries"]["torch"]
+    assert result["recipe"]["model"]["name_or_path"] == str(assets["bert"])
+    variants = {v["name"]: v for v in result["variants"]}
+    for variant in variants.values():
+        run = variant["runs"][0]
+        steps = [r for r in read_metrics_log(run["log_dir"]) if r["kind"] == "train"]
+        assert len(steps) == 32 // 8, "every variant sees the same samples"
+        measured = steps[1:]
+        assert run["samples_measured"] == 24
+        assert run["padding_efficiency"] == pytest.approx(
+            sum(r["real_tokens"] for r in measured) / sum(r["padded_tokens"] for r in measured))
+        assert run["samples_per_s"] == pytest.approx(24 / sum(r["step_seconds"] for r in measured))
+        assert run["eval_examples"] == 32 and 0.0 <= run["accuracy"] <= 1.0
+        assert run["peak_rss_bytes"] > 50 * 2**20
+        assert variant["ratios"]["tutorial_dynamic"]["samples_per_s_x"] == pytest.approx(
+            variant["summary"]["samples_per_s"]["median"] / variants["tutorial_dynamic"]["summary"]["samples_per_s"]["median"])
+    # The tutorial's max_length way pads every text to the model's 128 positions (322 does not fit the tiny BERT).
+    max_length_run = variants["tutorial_max_length"]["runs"][0]
+    assert max_length_run["padded_tokens_per_s"] / max_length_run["samples_per_s"] == pytest.approx(128)
+    assert variants["launcher_group_by_length"]["runs"][0]["padding_efficiency"] > max_length_run["padding_efficiency"]
