@@ -80,14 +80,27 @@ def load_file(path: str) -> datasets.Dataset:
         raise DataError(f"{path}: unsupported file type; use one of {', '.join(FILE_BUILDERS)}")
     if not Path(path).is_file():
         raise DataError(f"{path}: file not found (relative paths are taken from {Path.cwd()})")
+    if Path(path).stat().st_size == 0:
+        raise DataError(f"{path}: empty file")
     try:
         return datasets.load_dataset(builder, data_files=str(path), split="train")
-    except ValueError as err:
-        if "corresponds to no data" in str(err):  # datasets' way of saying the file has a header but no rows
-            raise DataError(f"{path}: no examples") from err
-        raise DataError(f"{path}: cannot be read as {builder}: {err}") from err
     except Exception as err:  # datasets raises many types for unreadable files; all mean the same to the user
-        raise DataError(f"{path}: cannot be read as {builder}: {err}") from err
+        chain = error_chain(err)
+        if any(isinstance(e, ValueError) and "corresponds to no data" in str(e) for e in chain):  # header, no rows
+            raise DataError(f"{path}: no examples") from err
+        decode = next((e for e in chain if isinstance(e, UnicodeDecodeError)), None)
+        if decode is not None:
+            raise DataError(f"{path}: not UTF-8 text ({decode}); re-encode it as UTF-8") from err
+        # datasets wraps the parser's error in a generic "error occurred while generating": show the parser's.
+        raise DataError(f"{path}: cannot be read as {builder}: {chain[1] if len(chain) > 1 else err}") from err
+
+
+def error_chain(err: BaseException) -> list[BaseException]:
+    """`err` and the exceptions it was raised from or while handling, outermost first."""
+    chain = [err]
+    while chain[-1].__cause__ is not None or chain[-1].__context__ is not None:
+        chain.append(chain[-1].__cause__ or chain[-1].__context__)
+    return chain
 
 
 def load_hub_split(data: DataSection, split: str) -> datasets.Dataset:
@@ -127,13 +140,13 @@ def resolve_labels(splits: Splits, data: DataSection, num_labels: int) -> LabelS
     if isinstance(feature, datasets.ClassLabel):
         names = data.label_names or feature.names
     elif feature.dtype in ("string", "large_string"):
-        seen = set(splits.train[data.label_field])
-        if splits.eval is not None:
-            seen |= set(splits.eval[data.label_field])
-        names = data.label_names or sorted(seen)
-        unknown = sorted(seen - set(names))
-        if unknown:
-            raise DataError(f"{splits.train_origin}: column {data.label_field!r} has labels {unknown} not in data.label_names")
+        labelled = [(dataset, origin) for dataset, origin in ((splits.train, splits.train_origin), (splits.eval, splits.eval_origin)) if dataset is not None]
+        seen_by_origin = {origin: set(dataset[data.label_field]) for dataset, origin in labelled}
+        names = data.label_names or sorted(set().union(*seen_by_origin.values()))
+        for origin, seen in seen_by_origin.items():
+            unknown = sorted(seen - set(names), key=str)
+            if unknown:
+                raise DataError(f"{origin}: column {data.label_field!r} has labels {unknown} not in data.label_names")
     elif feature.dtype.startswith("int"):
         names = data.label_names or [f"LABEL_{i}" for i in range(num_labels)]
     else:
@@ -150,7 +163,13 @@ def tokenize_splits(splits: Splits, data: DataSection, labels: LabelSpace, token
     """Batched, cached `map`: input ids truncated to `max_length`, labels as ids in a `labels` column."""
     label2id = labels.label2id
 
-    def encode(batch: dict) -> dict:
+    text_fields = [data.text_field] + ([data.text_pair_field] if data.text_pair_field else [])
+
+    def encode(batch: dict, indices: list[int], origin: str) -> dict:
+        for field in text_fields:
+            bad = [i for i, text in zip(indices, batch[field]) if not isinstance(text, str) or not text]
+            if bad:
+                raise DataError(f"{origin}: column {field!r} is empty or not text in row(s) {bad[:10]}")
         pair = batch[data.text_pair_field] if data.text_pair_field else None
         encoded = tokenizer(
             batch[data.text_field],
@@ -166,7 +185,10 @@ def tokenize_splits(splits: Splits, data: DataSection, labels: LabelSpace, token
     def tokenize(dataset: Optional[datasets.Dataset], origin: str) -> Optional[datasets.Dataset]:
         if dataset is None:
             return None
-        tokenized = dataset.map(encode, batched=True, remove_columns=dataset.column_names, desc=f"tokenizing {origin}")
+        tokenized = dataset.map(
+            encode, batched=True, with_indices=True, fn_kwargs={"origin": origin},
+            remove_columns=dataset.column_names, desc=f"tokenizing {origin}",
+        )
         check_label_range(tokenized, len(labels.names), origin, data.label_field)
         return tokenized
 

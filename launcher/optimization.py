@@ -10,15 +10,22 @@ from transformers import get_scheduler
 from launcher.recipe import TrainingSection
 
 
-def build_optimizer(model: torch.nn.Module, training: TrainingSection) -> torch.optim.AdamW:
-    """Weight decay on matrices only: decaying biases and norm scales hurts and is not what AdamW papers do."""
+# torch has fused AdamW kernels for these; elsewhere (Ascend NPU) it falls back to the per-tensor loop.
+FUSED_ADAMW_DEVICES = ("cpu", "cuda")
+
+
+def build_optimizer(model: torch.nn.Module, training: TrainingSection, device_type: str) -> torch.optim.AdamW:
+    """Weight decay on matrices only: decaying biases and norm scales hurts and is not what AdamW papers do.
+    Fused where available: the per-tensor AdamW step cost more than forward + backward of MiniLM on CPU
+    (155-290 ms against 24-29 ms fused, benchmarks/), and the Trainer baselines use the fused kernel too."""
     trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     groups = [
         {"params": [p for _, p in trainable if p.ndim >= 2], "weight_decay": training.weight_decay},
         {"params": [p for _, p in trainable if p.ndim < 2], "weight_decay": 0.0},
     ]
     return torch.optim.AdamW(
-        [g for g in groups if g["params"]], lr=training.lr, betas=training.adam_betas, eps=training.adam_eps
+        [g for g in groups if g["params"]], lr=training.lr, betas=training.adam_betas, eps=training.adam_eps,
+        fused=device_type in FUSED_ADAMW_DEVICES,
     )
 
 

@@ -100,6 +100,9 @@ def check(recipe: Recipe, topology: Topology) -> int:
 
 def setup(recipe: Recipe) -> Session:
     started = time.time()
+    # Installed first: a preemption warning that lands while the model loads still stops at the first step.
+    stop_request = StopRequest()
+    stop_request.install()
     device = detect_device()
     precision = resolve_precision(device, recipe.training.precision, recipe.training.precision_fallback)
     check_run_directory(recipe)
@@ -118,7 +121,7 @@ def setup(recipe: Recipe) -> Session:
     model = load_model(recipe, labels, tokenizer)
     if recipe.training.compile:
         model.compile()  # in place: parameter names and state_dict keys stay those of the plain model
-    optimizer = build_optimizer(model, recipe.training)
+    optimizer = build_optimizer(model, recipe.training, device.type)
     total_steps = total_optimizer_steps(len(tokenized.train), recipe.training, accelerator.num_processes)
     scheduler = build_scheduler(optimizer, recipe.training, total_steps)
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
@@ -148,8 +151,6 @@ def setup(recipe: Recipe) -> Session:
         plan.notes.append(f"resumed at optimizer step {position.optimizer_step} (epoch {position.epoch}, batch {position.batches_in_epoch})")
     accelerator.print(plan.describe())
 
-    stop_request = StopRequest()
-    stop_request.install()
     trainer = Trainer(recipe, accelerator, model, optimizer, scheduler, train_loader, eval_loader,
                       checkpointer, position, total_steps, stop_request)
     return Session(recipe, accelerator, trainer, tokenizer, started)
@@ -173,7 +174,7 @@ def cleanup(session: Session, finished: bool) -> int:
     if not finished:
         accelerator.print(f"stopped by {', '.join(trainer.stop_request.received) or 'a peer rank'} at optimizer step "
                           f"{trainer.position.optimizer_step}; checkpoint written; resume with output.resume_from=auto")
-        accelerator.end_training()
+        shut_down(accelerator)
         return EXIT_STOPPED_FOR_RESUME
     written = export_model(accelerator, trainer.model, session.tokenizer, session.recipe)
     if accelerator.is_main_process:
@@ -187,8 +188,15 @@ def cleanup(session: Session, finished: bool) -> int:
         }
         write_run_summary(Path(session.recipe.output.dir), summary)
         accelerator.print(f"done: {summary['optimizer_steps']} steps; final eval {trainer.final_metrics}; outputs {written}")
-    accelerator.end_training()
+    shut_down(accelerator)
     return 0
+
+
+def shut_down(accelerator: Accelerator) -> None:
+    """Close trackers and the process group once every rank got here: rank 0 hosts the rendezvous store,
+    and a peer still tearing down after it left can hang at exit."""
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
 
 
 if __name__ == "__main__":

@@ -200,7 +200,8 @@ step=$!
 # A trap interrupts `wait`; keep waiting until the step has ended, then read its exit status.
 while kill -0 "$step" 2>/dev/null; do wait "$step"; done
 wait "$step"; status=$?
-[ "$stop_requested" = 1 ] && kill "$repeater"
+# Stop the repeater and its sleep: a process left behind keeps the job alive while Slurm requeues it.
+[ "$stop_requested" = 1 ] && {{ pkill -P "$repeater"; kill "$repeater"; }} 2>/dev/null
 
 # Exit 3 means "stopped at a checkpoint, resume me". accelerate launch turns a child's 3 into 1, so a
 # forwarded stop that ended without success counts as one too.

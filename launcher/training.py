@@ -84,6 +84,7 @@ class Trainer:
         self.reporter: Optional[RunReporter] = None
         self.last_saved_step = position.optimizer_step if position.optimizer_step else -1
         self.final_metrics: dict[str, float] = {}
+        self.last_eval_step = -1
         self.window_fingerprints: list[int] = []
 
     def train(self) -> bool:
@@ -224,8 +225,8 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Loss and the recipe's metrics over the whole eval set, exact across processes (`gather_for_metrics`)."""
-        if self.eval_loader is None:
-            return {}
+        if self.eval_loader is None or self.position.optimizer_step == self.last_eval_step:
+            return self.final_metrics  # evaluation.every_steps may already have landed on this epoch end
         self.model.eval()
         losses, predictions, references = [], [], []
         for batch in self.eval_loader:
@@ -239,6 +240,7 @@ class Trainer:
         metrics = {"loss": float(torch.cat(losses).mean()), **metrics, "examples": int(np.sum([len(r) for r in references]))}
         self.reporter.log("eval", self.position.optimizer_step, {"epoch": self.position.epoch, **metrics})
         self.final_metrics = metrics
+        self.last_eval_step = self.position.optimizer_step
         return metrics
 
     def save_checkpoint(self) -> None:

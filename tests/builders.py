@@ -6,6 +6,7 @@ import csv
 import random
 from pathlib import Path
 
+import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import BertConfig, BertModel, BertTokenizerFast, LlamaConfig, LlamaModel, PreTrainedTokenizerFast
 
@@ -25,6 +26,7 @@ def build_tiny_bert(folder: Path, dropout: float = 0.1) -> Path:
         vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
         max_position_embeddings=128, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
     )
+    torch.manual_seed(0)  # the same weights whatever ran before: tests compare against thresholds
     BertModel(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
@@ -43,6 +45,7 @@ def build_tiny_llama(folder: Path) -> Path:
         vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
     )
+    torch.manual_seed(0)
     LlamaModel(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder

@@ -58,8 +58,6 @@ def test_unreadable_file(assets, tmp_path, capsys):
     assert str(path) in error and "cannot be read as parquet" in error
 
 
-@pytest.mark.xfail(strict=True, reason="launcher/data.py load_file shows datasets' outer message ('An error occurred "
-                   "while generating the dataset'), not the UnicodeDecodeError under it; fix belongs to data.py's owner")
 def test_wrong_encoding(assets, tmp_path, capsys):
     path = tmp_path / "train.csv"
     path.write_bytes("idx,text,label\n0,très bon film,1\n1,mauvais,0\n".encode("latin-1"))
@@ -67,8 +65,6 @@ def test_wrong_encoding(assets, tmp_path, capsys):
     assert str(path) in error and "utf-8" in error.lower()
 
 
-@pytest.mark.xfail(strict=True, reason="launcher/data.py resolve_labels merges train and eval labels and always names "
-                   "the train file; fix belongs to data.py's owner")
 def test_unknown_string_label_in_eval_file_names_the_eval_file(assets, tmp_path, capsys):
     train = write_csv(tmp_path / "train.csv", [{"text": "good film", "label": "fresh"}, {"text": "bad", "label": "rotten"}])
     evaluation = write_csv(tmp_path / "eval.csv", [{"text": "good", "label": "fresh"}, {"text": "meh", "label": "stale"}])
@@ -77,8 +73,6 @@ def test_unknown_string_label_in_eval_file_names_the_eval_file(assets, tmp_path,
     assert str(evaluation) in error, "the label comes from the eval file, but the error names another file"
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError, reason="launcher/data.py passes an empty CSV cell (None) to the "
-                   "tokenizer, which raises a bare TypeError naming neither file nor column; fix belongs to data.py's owner")
 def test_empty_text_cell(assets, tmp_path, capsys):
     rows = sentiment_rows(8, seed=0)
     rows[2]["text"] = ""

@@ -1,5 +1,5 @@
 """The shipped demo recipe on the real pretrained MiniLM and real Rotten Tomatoes reviews (both from PyPI
-wheels), on a slice small enough for CI: accuracy must end clearly above chance."""
+wheels), one epoch of its 1,000 training snippets: accuracy must end clearly above the majority class."""
 
 import csv
 from pathlib import Path
@@ -36,15 +36,12 @@ def test_minilm_learns_real_reviews_with_the_demo_recipe(demo_root):
         f"model.name_or_path={demo_root / 'models/all-MiniLM-L6-v2'}",
         f"data.train_file={demo_root / 'data/rotten_tomatoes/train.csv'}",
         f"data.eval_file={demo_root / 'data/rotten_tomatoes/test.csv'}",
-        "data.train_samples=600",
-        "data.eval_samples=300",
         "training.epochs=1",
-        "training.lr=1e-4",
         "output.report_to=none",
         f"output.dir={out}",
     )
     assert code == 0
     final = read_run_summary(out)["final_eval"]
-    assert final["examples"] == 300
-    # Chance is about 0.5 (fresh/rotten are 58/42 in the corpus); the untrained head scores about 0.48.
-    assert final["accuracy"] >= 0.68, final
+    assert final["examples"] == 400
+    # The majority class (fresh) is 57% of these 400; one epoch of the demo measured 0.715-0.77.
+    assert final["accuracy"] >= 0.66, final

@@ -147,7 +147,8 @@ def test_zero3_lora_exports_models_that_reproduce_the_training_evaluation(tmp_pa
     assert moved == {name for name in start if name.endswith(("query.weight", "value.weight")) or name.startswith("classifier.")}
 
 
-SHARD_PROBE = '''
+SHARD_PROBE = '''import os
+
 from launcher.data import LabelSpace
 from launcher.devices import detect_device
 from launcher.distributed import build_accelerator
@@ -158,8 +159,9 @@ recipe = load_recipe({recipe!r})
 accelerator = build_accelerator(recipe, "bf16", detect_device())
 model = load_model(recipe, LabelSpace(["negative", "positive"]), load_tokenizer(recipe.model))
 frozen = [p for p in model.parameters() if not p.requires_grad]
-print("local", sum(p.numel() for p in frozen), "full", sum(p.ds_numel for p in frozen),
-      "dtypes", sorted({{str(p.dtype) for p in model.parameters()}}))
+line = (f"local {{sum(p.numel() for p in frozen)}} full {{sum(p.ds_numel for p in frozen)}} "
+        f"dtypes {{sorted({{str(p.dtype) for p in model.parameters()}})}}\\n")
+os.write(1, line.encode())  # one write per rank: print's separate writes interleave between the two ranks
 '''
 
 

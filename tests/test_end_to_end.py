@@ -45,8 +45,18 @@ def test_single_text_run_writes_everything_and_the_model_reloads(tmp_path, asset
     assert eval_loss_of(reloaded, out) == pytest.approx(summary["final_eval"]["loss"], abs=1e-5)
 
 
+def test_evaluation_every_steps_without_repeating_epoch_ends(tmp_path, assets):
+    out = train(tmp_path, assets, "every", evaluation={"every_steps": 4, "metrics": ["accuracy"]})
+    assert [r["step"] for r in read_metrics_log(out) if r["kind"] == "eval"] == [4, 8, 12, 16]
+
+
+def test_tensorboard_tracker_writes_events(tmp_path, assets):
+    out = train(tmp_path, assets, "tb", output={"report_to": "tensorboard"}, training={"epochs": 1})
+    assert list((out / "tensorboard").rglob("events.out.tfevents.*"))
+
+
 def test_model_learns_the_synthetic_task(tmp_path, assets):
-    out = train(tmp_path, assets, "learn", training={"epochs": 6, "lr": 3e-3})
+    out = train(tmp_path, assets, "learn", training={"epochs": 8, "lr": 5e-3})
     evals = [r for r in read_metrics_log(out) if r["kind"] == "eval"]
     assert evals[-1]["accuracy"] >= 0.8 and evals[-1]["loss"] < evals[0]["loss"]
 
