@@ -207,7 +207,9 @@ wait "$step"; status=$?
 # forwarded stop that ended without success counts as one too.
 if [ "$status" -eq 3 ] || {{ [ "$stop_requested" = 1 ] && [ "$status" -ne 0 ]; }}; then
   echo "stopped at a checkpoint (exit $status): requeueing job $SLURM_JOB_ID; the next run resumes from it"
-  scontrol requeue "$SLURM_JOB_ID"
+  # Slurm ends this script itself once the requeue is under way; exiting first races it, and a late
+  # completion message can mark the requeued job FAILED (seen on a quiet single-node cluster).
+  scontrol requeue "$SLURM_JOB_ID" && sleep 300
 fi
 exit "$status"
 """

@@ -87,6 +87,17 @@ def wait_for_training(run_dir: Path, timeout: float = 120) -> None:
         time.sleep(0.2)
 
 
+def wait_for_node_cleanup(deadline: float) -> None:
+    """Until no node of the cluster carries the COMPLETING flag."""
+    while True:
+        nodes = subprocess.run(["scontrol", "show", "node", "-o"], capture_output=True, text=True, check=True).stdout
+        states = re.findall(r"State=(\S+)", nodes)
+        if not any("COMPLETING" in state for state in states):
+            return
+        assert time.monotonic() < deadline, f"nodes still completing: {states}"
+        time.sleep(0.3)
+
+
 @pytest.mark.slow
 def test_preempted_job_checkpoints_requeues_and_ends_like_an_uninterrupted_run(slurm_cluster: SlurmCluster, assets,
                                                                                 tmp_path: Path, capsys):
@@ -106,7 +117,10 @@ def test_preempted_job_checkpoints_requeues_and_ends_like_an_uninterrupted_run(s
         return jobs[0]["Restarts"] == "1" and jobs[0]["JobState"] == "PENDING"
 
     slurm_cluster.wait_until(runs["preempted"], requeued, 90, "requeued")
-    # A requeued job is held ~120 s (BeginTime) before it may start again.
+    # A requeued job is held ~120 s (BeginTime) before it may start again; the test skips that wait, but
+    # not the node's clean-up of the job's first run: a relaunch onto a node still COMPLETING the same job
+    # id fails the job (seen as FAILED 1:0 with no second run in the log).
+    wait_for_node_cleanup(time.monotonic() + 60)
     subprocess.run(["scontrol", "update", f"JobId={runs['preempted']}", "StartTime=now"], check=True)
     for name, job_id in runs.items():
         (job,) = slurm_cluster.wait_ended(job_id, timeout=180)
