@@ -207,8 +207,8 @@ wait "$step"; status=$?
 # forwarded stop that ended without success counts as one too.
 if [ "$status" -eq 3 ] || {{ [ "$stop_requested" = 1 ] && [ "$status" -ne 0 ]; }}; then
   echo "stopped at a checkpoint (exit $status): requeueing job $SLURM_JOB_ID; the next run resumes from it"
-  # Slurm ends this script itself once the requeue is under way; exiting first races it, and a late
-  # completion message can mark the requeued job FAILED (seen on a quiet single-node cluster).
+  # Slurm ends this script itself as part of the requeue: wait for that rather than report a completion of
+  # our own that would race the requeue (the sleep is only a bound, should Slurm not end it).
   scontrol requeue "$SLURM_JOB_ID" && sleep 300
 fi
 exit "$status"

@@ -66,6 +66,16 @@ class SlurmCluster:
     def wait_ended(self, job_id: str, timeout: float = 120) -> list[dict[str, str]]:
         return self.wait_until(job_id, lambda jobs: all(j["JobState"] in ENDED for j in jobs), timeout, "ended")
 
+    def daemon_logs(self, lines: int = 80) -> str:
+        """The last `lines` of the controller's and the node daemon's logs: what a failed assertion on a job's
+        end state shows, since the cluster's folder is removed at teardown."""
+        shown = []
+        for daemon in ("slurmctld", "slurmd"):
+            path = self.base / "log" / f"{daemon}.log"
+            text = path.read_text(errors="replace").splitlines() if path.is_file() else ["(no log)"]
+            shown += [f"--- {path}:", *text[-lines:]]
+        return "\n".join(shown)
+
 
 def start_cluster(base: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "SLURM_TEST_BASE": str(base),
