@@ -21,8 +21,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from transformers import AutoConfig
+
 from launcher.devices import DeviceInfo, detect_device, supports
 from launcher.flops import PeakFlops, TransformerShape, peak_bf16_flops, shape_from_pretrained
+from launcher.packing import packing_problem
 from launcher.recipe import Recipe
 from launcher.recipe_loader import load_recipe
 from launcher.reporting import read_metrics_log
@@ -44,7 +47,7 @@ class Variant:
     tutorial_way: Optional[str] = None  # set for the baselines, which run benchmarks.tutorial_baselines
     overrides: tuple[str, ...] = ()
     env: tuple[tuple[str, str], ...] = ()
-    needs: Optional[str] = None  # "bf16" or "cpu": skipped where the hardware lacks it
+    needs: Optional[str] = None  # "bf16", "cpu" or "packing": skipped where the hardware or the model lacks it
 
 
 VARIANTS = (
@@ -55,6 +58,9 @@ VARIANTS = (
     Variant("launcher_group_by_length", "dynamic padding, length-grouped batches", overrides=("data.padding=dynamic", "data.group_by_length=true")),
     Variant("launcher_bf16", "bf16 autocast", overrides=("training.precision=bf16",), needs="bf16"),
     Variant("launcher_compile", "torch.compile", overrides=("training.compile=true",)),
+    Variant("launcher_packed", "padding-free packing (decoders)", overrides=("data.padding=packed",), needs="packing"),
+    Variant("launcher_system_malloc", "glibc's default allocator thresholds (training.reuse_host_memory=false)",
+            overrides=("training.reuse_host_memory=false",), needs="cpu"),
     Variant("launcher_1_thread", "one intra-op thread (OMP_NUM_THREADS=1)", env=(("OMP_NUM_THREADS", "1"),), needs="cpu"),
 )
 DEFAULT_VARIANTS = tuple(v.name for v in VARIANTS if v.name != "launcher_compile")
@@ -102,19 +108,22 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def select_variants(names: str, device: DeviceInfo) -> list[Variant]:
+def select_variants(names: str, plan: Plan) -> list[Variant]:
     by_name = {v.name: v for v in VARIANTS}
     unknown = [n for n in names.split(",") if n not in by_name]
     if unknown:
         raise SystemExit(f"unknown variant(s) {unknown}; choose from {', '.join(by_name)}")
-    return [by_name[n] for n in names.split(",") if runs_on(by_name[n], device)]
+    return [by_name[n] for n in names.split(",") if runs_on(by_name[n], plan)]
 
 
-def runs_on(variant: Variant, device: DeviceInfo) -> bool:
+def runs_on(variant: Variant, plan: Plan) -> bool:
     if variant.needs == "cpu":
-        return device.type == "cpu"
+        return plan.device.type == "cpu"
     if variant.needs == "bf16":
-        return supports(device, "bf16")
+        return supports(plan.device, "bf16")
+    if variant.needs == "packing":
+        config = AutoConfig.from_pretrained(plan.recipe.model.name_or_path, trust_remote_code=plan.recipe.model.trust_remote_code)
+        return packing_problem(config.model_type) is None
     return True
 
 
@@ -202,7 +211,7 @@ def flops_description(plan: Plan) -> dict[str, Any]:
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     plan = make_plan(args)
-    variants = select_variants(args.variants, plan.device)
+    variants = select_variants(args.variants, plan)
     started = datetime.datetime.now(datetime.timezone.utc)
     results = compare(plan, variants)
     result = {

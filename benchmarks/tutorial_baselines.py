@@ -36,6 +36,7 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from launcher.data import load_splits, resolve_labels, tokenize_splits
+from launcher.devices import detect_device, peak_allocated_bytes
 from launcher.metrics import compute_metrics
 from launcher.modeling import load_model
 from launcher.optimization import warmup_steps
@@ -152,8 +153,9 @@ def run_baseline(recipe: Recipe, way: str, steps: int, out: Path) -> list[dict[s
     prediction = trainer.predict(tokenized.eval)
     metrics = compute_metrics(recipe.evaluation.metrics, np.argmax(prediction.predictions, axis=-1), prediction.label_ids)
     evaluation = {"kind": "eval", "step": steps, **metrics, "examples": len(prediction.label_ids), "max_length": max_length}
-    if torch.cuda.is_available():
-        evaluation["peak_device_memory_bytes"] = torch.cuda.max_memory_allocated()
+    peak = peak_allocated_bytes(detect_device().type)
+    if peak is not None:
+        evaluation["peak_device_memory_bytes"] = peak
     return [*clock.records, evaluation]
 
 

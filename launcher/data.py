@@ -6,6 +6,7 @@ path). Every data problem is a `DataError` naming the file or split and the colu
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
@@ -238,13 +239,56 @@ def build_collator(tokenizer: PreTrainedTokenizerBase, recipe: Recipe) -> DataCo
     return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=multiple)
 
 
+class PackedCollator:
+    """`data.padding: packed`: a batch's examples joined into one row of `input_ids`, with no padding at all.
+
+    `position_ids` restart at 0 with each example: given no attention mask, transformers' decoders read that as
+    packed sequences and let each example attend only to itself (a block-diagonal causal mask under sdpa and eager,
+    variable-length kernels under flash_attention_2). `classify_at` is each example's last token that is not the pad
+    token: the one the model's own head picks in a padded batch, so training classifies where the exported model will.
+
+    The row is not filled up to a multiple of 8 under mixed precision: its length only sets how many rows the matrix
+    products have (the hidden sizes, which tensor cores want aligned, stay as they are), it changes every batch
+    anyway, and a filler segment would spend attention and MLP work on tokens that teach nothing.
+    """
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        examples = [list(f["input_ids"]) for f in features]
+        if not all(examples):
+            raise DataError("an example tokenized to no tokens at all; a packed batch cannot hold it (data.padding=dynamic can)")
+        starts = itertools.accumulate((len(ids) for ids in examples[:-1]), initial=0)
+        return {
+            "input_ids": torch.tensor([list(itertools.chain(*examples))]),
+            "position_ids": torch.tensor([[p for ids in examples for p in range(len(ids))]]),
+            "classify_at": torch.tensor([start + self.last_real_token(ids) for start, ids in zip(starts, examples)]),
+            "labels": torch.tensor([f["labels"] for f in features]),
+        }
+
+    def last_real_token(self, ids: list[int]) -> int:
+        """transformers' rule for decoder classifiers: the rightmost token that is not the pad token, else the first."""
+        return max((i for i, token in enumerate(ids) if token != self.pad_token_id), default=0)
+
+
+def example_token_ids(batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """Each example's tokens without padding, from a padded batch (rows and attention mask) or a packed one."""
+    if "attention_mask" in batch:
+        return [ids[row.bool()] for ids, row in zip(batch["input_ids"], batch["attention_mask"])]
+    starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist()
+    return list(batch["input_ids"][0].tensor_split(starts[1:]))
+
+
 def build_dataloaders(tokenized: Splits, recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> tuple[DataLoader, Optional[DataLoader]]:
+    """Train and eval loaders; under `data.padding: packed` only training batches are packed (evaluation pads)."""
     collator = build_collator(tokenizer, recipe)
+    train_collator = PackedCollator(tokenizer.pad_token_id) if recipe.data.padding == "packed" else collator
     batch_size = recipe.training.per_device_batch_size
     lengths = [len(ids) for ids in tokenized.train["input_ids"]] if recipe.data.group_by_length else None
     sampler = EpochShuffleSampler(len(tokenized.train), recipe.training.seed, batch_size, lengths)
     train_loader = DataLoader(
-        tokenized.train, batch_size=batch_size, sampler=sampler, collate_fn=collator, num_workers=recipe.data.num_workers
+        tokenized.train, batch_size=batch_size, sampler=sampler, collate_fn=train_collator, num_workers=recipe.data.num_workers
     )
     eval_loader = None
     if tokenized.eval is not None:

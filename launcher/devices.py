@@ -6,7 +6,7 @@ import importlib.util
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
 
@@ -85,3 +85,12 @@ def resolve_precision(device: DeviceInfo, precision: Precision, allow_fallback: 
         raise PrecisionError(f"{message}; use fp32 or set training.precision_fallback=true")
     warnings.warn(f"{message}; falling back to fp32 (training.precision_fallback=true)", stacklevel=2)
     return "fp32"
+
+
+def peak_allocated_bytes(device_type: str) -> Optional[int]:
+    """The device allocator's high-water mark in this process; None on CPU, whose peak (RSS) is watched from outside."""
+    if device_type == "cuda":
+        return torch.cuda.max_memory_allocated()
+    if device_type == "npu":
+        return torch.npu.max_memory_allocated()
+    return None

@@ -17,6 +17,7 @@ from transformers import (
 from transformers.integrations import is_deepspeed_zero3_enabled
 
 from launcher.data import LabelSpace
+from launcher.packing import enable_packed_batches
 from launcher.recipe import LoraSection, ModelSection, Recipe
 
 # Attention projections are where LoRA pays off most per parameter (LoRA paper, section 7.1).
@@ -54,7 +55,7 @@ def lora_targets(lora: LoraSection, model_type: str) -> list[str]:
 
 
 def load_model(recipe: Recipe, labels: LabelSpace, tokenizer: PreTrainedTokenizerBase) -> torch.nn.Module:
-    """`AutoModelForSequenceClassification` with the label names, pad token and LoRA the recipe asks for.
+    """`AutoModelForSequenceClassification` with the label names, pad token, LoRA and packed batches the recipe asks for.
 
     Under a ZeRO-3 Accelerator (built before this is called) `from_pretrained` loads inside `deepspeed.zero.Init`:
     each process materialises only its shard of the weights, never a full copy.
@@ -79,6 +80,8 @@ def load_model(recipe: Recipe, labels: LabelSpace, tokenizer: PreTrainedTokenize
         model = apply_lora(model, recipe.lora)
         if is_deepspeed_zero3_enabled():
             match_adapter_dtype(model)
+    if recipe.data.padding == "packed":
+        enable_packed_batches(model)
     return model
 
 

@@ -11,6 +11,7 @@ from launcher.devices import DeviceInfo, supports
 from launcher.memory_plan import MemoryPlanError, Topology, describe_memory, estimate_memory, fits, measure_model
 from launcher.modeling import check_lora_architecture
 from launcher.optimization import steps_per_epoch, total_optimizer_steps, warmup_steps
+from launcher.packing import check_packing
 from launcher.recipe import Recipe
 
 
@@ -75,7 +76,7 @@ def check_recipe(recipe: Recipe, topology: Topology, device: DeviceInfo) -> tupl
     """Everything that can be checked without weights or a process group: data (local files must load),
     labels, LoRA targets, precision support, per-device memory on the topology. Returns the plan and the
     problems that make the recipe fail (an estimate over the given device memory is one)."""
-    problems: list[str] = list(check_lora_architecture(recipe))
+    problems: list[str] = check_lora_architecture(recipe) + check_packing(recipe)
     plan = RunPlan(recipe, topology.processes, device.type, topology.describe(), recipe.training.precision, None, None)
     problems += plan_memory(plan, topology)
     try:

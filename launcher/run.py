@@ -30,6 +30,7 @@ from launcher.checkpointing import CheckpointError, Checkpointer, TrainPosition
 from launcher.data import DataError, build_dataloaders, load_splits, resolve_labels, tokenize_splits
 from launcher.devices import PrecisionError, detect_device, resolve_precision
 from launcher.distributed import LaunchError, build_accelerator
+from launcher.host_memory import keep_freed_host_memory
 from launcher.memory_plan import Topology, load_topology
 from launcher.modeling import count_parameters, export_model, load_model, load_tokenizer
 from launcher.optimization import build_optimizer, build_scheduler, total_optimizer_steps, warmup_steps
@@ -103,6 +104,7 @@ def setup(recipe: Recipe) -> Session:
     # Installed first: a preemption warning that lands while the model loads still stops at the first step.
     stop_request = StopRequest()
     stop_request.install()
+    host_memory = keep_freed_host_memory() if recipe.training.reuse_host_memory else "host memory: system allocator defaults"
     device = detect_device()
     precision = resolve_precision(device, recipe.training.precision, recipe.training.precision_fallback)
     check_run_directory(recipe)
@@ -146,7 +148,7 @@ def setup(recipe: Recipe) -> Session:
     plan = RunPlan(recipe, accelerator.num_processes, device.type, str(accelerator.distributed_type), precision,
                    len(tokenized.train), len(tokenized.eval) if tokenized.eval is not None else None)
     trainable, total = count_parameters(model)
-    plan.notes.append(f"parameters: {trainable:,} trainable of {total:,}")
+    plan.notes += [f"parameters: {trainable:,} trainable of {total:,}", host_memory]
     if position.optimizer_step:
         plan.notes.append(f"resumed at optimizer step {position.optimizer_step} (epoch {position.epoch}, batch {position.batches_in_epoch})")
     accelerator.print(plan.describe())

@@ -20,6 +20,8 @@ from accelerate.utils import gather_object
 from torch.utils.data import DataLoader
 
 from launcher.checkpointing import Checkpointer, TrainPosition
+from launcher.data import example_token_ids
+from launcher.devices import peak_allocated_bytes
 from launcher.metrics import compute_metrics
 from launcher.recipe import Recipe
 from launcher.reporting import RunReporter
@@ -155,12 +157,12 @@ class Trainer:
         with self.accelerator.accumulate(self.model):
             loss = self.model(**batch).loss
             self.accelerator.backward(loss)
-        mask = batch["attention_mask"]
         if self.recipe.training.log_sample_fingerprints:
-            self.window_fingerprints += [zlib.crc32(ids[row.bool()].cpu().numpy().tobytes())
-                                         for ids, row in zip(batch["input_ids"], mask)]
-        counts = (loss.detach().double(), mask.shape[0], mask.sum().double(), mask.numel())
-        return torch.stack([torch.as_tensor(c, dtype=torch.float64, device=mask.device) for c in counts])
+            self.window_fingerprints += [zlib.crc32(ids.cpu().numpy().tobytes()) for ids in example_token_ids(batch)]
+        tokens = batch["input_ids"]
+        real_tokens = batch["attention_mask"].sum() if "attention_mask" in batch else tokens.numel()  # packed: no padding
+        counts = (loss.detach().double(), len(batch["labels"]), real_tokens, tokens.numel())
+        return torch.stack([torch.as_tensor(c, dtype=torch.float64, device=tokens.device) for c in counts])
 
     def optimizer_step(self, window: torch.Tensor, window_start: float) -> StepResult:
         """Clip, check for non-finite values (every rank sees the same reduced numbers), step or skip."""
@@ -238,10 +240,19 @@ class Trainer:
         self.model.train()
         metrics = compute_metrics(self.recipe.evaluation.metrics, torch.cat(predictions).numpy(), torch.cat(references).numpy())
         metrics = {"loss": float(torch.cat(losses).mean()), **metrics, "examples": int(np.sum([len(r) for r in references]))}
-        self.reporter.log("eval", self.position.optimizer_step, {"epoch": self.position.epoch, **metrics})
+        self.reporter.log("eval", self.position.optimizer_step,
+                          {"epoch": self.position.epoch, **metrics, **self.peak_device_memory()})
         self.final_metrics = metrics
         self.last_eval_step = self.position.optimizer_step
         return metrics
+
+    def peak_device_memory(self) -> dict[str, int]:
+        """The largest allocator high-water mark over all ranks so far (for the log; nothing on CPU)."""
+        peak = peak_allocated_bytes(self.accelerator.device.type)
+        if peak is None:
+            return {}
+        peaks = self.accelerator.gather(torch.tensor([peak], dtype=torch.int64, device=self.accelerator.device))
+        return {"peak_device_memory_bytes": int(peaks.max())}
 
     def save_checkpoint(self) -> None:
         if self.position.optimizer_step == self.last_saved_step:

@@ -58,11 +58,12 @@ def test_compare_runs_baselines_and_launcher_and_writes_consistent_results(asset
     recipe = write_recipe(tmp_path / "tiny.yaml", tiny_recipe(assets, tmp_path / "unused"))
     code = compare_main([
         str(recipe), "--samples", "32", "--warmup-steps", "1", "--repeats", "1",
-        "--variants", "tutorial_max_length,tutorial_dynamic,launcher_group_by_length",
+        "--variants", "tutorial_max_length,tutorial_dynamic,launcher_group_by_length,launcher_packed",
         "--results-dir", str(tmp_path / "results"), "--work-dir", str(tmp_path / "work"), "--name", "tiny",
     ])
     assert code == 0
     result = json.loads((tmp_path / "results" / "tiny.json").read_text())
+    assert "launcher_packed" not in {v["name"] for v in result["variants"]}, "BERT cannot pack: the variant is skipped"
     assert (tmp_path / "results" / "tiny.png").stat().st_size > 0
     assert "| launcher_group_by_length |" in (tmp_path / "results" / "tiny.md").read_text()
     assert result["machine"]["cpu_cores_logical"] >= 1 and result["machine"]["libraries"]["torch"]
@@ -85,3 +86,43 @@ def test_compare_runs_baselines_and_launcher_and_writes_consistent_results(asset
     max_length_run = variants["tutorial_max_length"]["runs"][0]
     assert max_length_run["padded_tokens_per_s"] / max_length_run["samples_per_s"] == pytest.approx(128)
     assert variants["launcher_group_by_length"]["runs"][0]["padding_efficiency"] > max_length_run["padding_efficiency"]
+
+
+def test_packed_variant_of_a_decoder_computes_no_padding_and_sees_the_same_samples(assets, tmp_path):
+    recipe = write_recipe(tmp_path / "tiny.yaml", tiny_recipe(assets, tmp_path / "unused", model="llama"))
+    code = compare_main([
+        str(recipe), "--samples", "32", "--warmup-steps", "1", "--repeats", "1", "--variants", "launcher_dynamic,launcher_packed",
+        "--results-dir", str(tmp_path / "results"), "--work-dir", str(tmp_path / "work"), "--name", "llama",
+    ])
+    assert code == 0
+    runs = {v["name"]: v["runs"][0] for v in json.loads((tmp_path / "results" / "llama.json").read_text())["variants"]}
+    assert runs["launcher_packed"]["padding_efficiency"] == 1.0 > runs["launcher_dynamic"]["padding_efficiency"]
+    assert runs["launcher_packed"]["samples_measured"] == runs["launcher_dynamic"]["samples_measured"] == 24
+    assert runs["launcher_packed"]["real_tokens_per_s"] * runs["launcher_packed"]["seconds_measured"] == pytest.approx(
+        runs["launcher_dynamic"]["real_tokens_per_s"] * runs["launcher_dynamic"]["seconds_measured"])
+
+
+@pytest.mark.slow
+def test_compare_aggregates_a_two_process_launch_across_ranks(assets, tmp_path, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")  # the cpu_ddp topology's gloo group (accelerate_configs/cpu_ddp.yaml)
+    recipe = write_recipe(tmp_path / "tiny.yaml", tiny_recipe(assets, tmp_path / "unused"))
+    launch = f"{sys.executable} -m accelerate.commands.launch --config_file {REPO / 'accelerate_configs' / 'cpu_ddp.yaml'}"
+    code = compare_main([
+        str(recipe), "--samples", "64", "--warmup-steps", "1", "--repeats", "1", "--variants", "launcher_dynamic",
+        "--launch", launch, "--processes", "2",
+        "--results-dir", str(tmp_path / "results"), "--work-dir", str(tmp_path / "work"), "--name", "ddp",
+    ])
+    assert code == 0
+    result = json.loads((tmp_path / "results" / "ddp.json").read_text())
+    assert result["settings"]["processes"] == 2
+    (run,) = result["variants"][0]["runs"]
+    steps = [r for r in read_metrics_log(run["log_dir"]) if r["kind"] == "train"]
+    # 64 samples at a global batch of 8 x 2 ranks: 4 steps, each record summed over both ranks.
+    assert [r["samples"] for r in steps] == [16, 16, 16, 16]
+    assert run["samples_measured"] == 48
+    assert run["samples_per_s"] == pytest.approx(48 / sum(r["step_seconds"] for r in steps[1:]))
+    assert run["samples_per_s_per_device"] == pytest.approx(run["samples_per_s"] / 2)
+    assert "--num_processes" not in result["variants"][0]["command"] and "cpu_ddp.yaml" in result["variants"][0]["command"]
+    # Peak memory is the whole process tree: the launcher and both ranks, each holding a copy of the model (one
+    # process of this tiny run peaks at about 570 MiB here; the tree measured 1.36 GiB).
+    assert run["peak_rss_bytes"] > 800 * 2**20

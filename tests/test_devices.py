@@ -20,7 +20,7 @@ from accelerate.state import PartialState
 from accelerate.utils import DistributedType, set_seed
 from accelerate.utils import imports as accelerate_imports
 
-from launcher.devices import PrecisionError, detect_device, resolve_precision, supports
+from launcher.devices import PrecisionError, detect_device, peak_allocated_bytes, resolve_precision, supports
 from launcher.distributed import LaunchError, check_local_processes
 
 
@@ -45,6 +45,9 @@ class SimulatedNpuRuntime:
 
     def manual_seed_all(self, seed: int) -> None:
         self.seeds.append(seed)
+
+    def max_memory_allocated(self) -> int:
+        return 3 * 2**30
 
 
 def clear_accelerate_detection_caches() -> None:
@@ -116,3 +119,8 @@ def test_seeding_reaches_the_npu_generators(simulated_npu):
     set_seed(1234)
     assert simulated_npu.seeds == [1234]
     assert torch.initial_seed() == 1234
+
+
+def test_peak_memory_comes_from_the_device_allocator_and_is_none_on_cpu(simulated_npu):
+    assert peak_allocated_bytes("npu") == 3 * 2**30
+    assert peak_allocated_bytes("cpu") is None  # host memory is the harness's RSS watch
