@@ -71,8 +71,9 @@ def measure_run(
     }
 
 
-SUMMARIZED = ("samples_per_s", "real_tokens_per_s", "padded_tokens_per_s", "padding_efficiency",
-              "model_flops_per_s", "mfu", "accuracy", "peak_rss_bytes", "wall_seconds", "load_1min")
+SUMMARIZED = ("samples_per_s", "samples_per_s_per_device", "real_tokens_per_s", "padded_tokens_per_s",
+              "padding_efficiency", "model_flops_per_s", "mfu", "accuracy", "peak_rss_bytes",
+              "peak_device_memory_bytes", "wall_seconds", "load_1min")
 
 
 def summarize_repeats(runs: list[dict[str, Any]]) -> dict[str, Any]:

@@ -35,9 +35,13 @@ def flops_cell(summary: dict[str, Any]) -> str:
 
 def markdown_table(result: dict[str, Any]) -> str:
     baselines = result["baselines"]
+    # Optional columns: per device when the launcher ran several processes, the device allocator's peak on GPUs/NPUs.
+    per_device = result["settings"]["processes"] > 1
+    device_memory = any("peak_device_memory_bytes" in v.get("summary", {}) for v in result["variants"])
     header = [
-        "variant", "samples/s", *[f"x {b}" for b in baselines], "real tok/s", "padded tok/s", "padding eff.",
-        "step s min/med/max", "model FLOP/s", "accuracy", "peak RSS MiB", "load 1 min",
+        "variant", "samples/s", *(["samples/s per device"] if per_device else []), *[f"x {b}" for b in baselines],
+        "real tok/s", "padded tok/s", "padding eff.", "step s min/med/max", "model FLOP/s", "accuracy", "peak RSS MiB",
+        *(["peak device MiB"] if device_memory else []), "load 1 min",
     ]
     rows = [header, ["---"] * len(header)]
     for variant in result["variants"]:
@@ -47,10 +51,13 @@ def markdown_table(result: dict[str, Any]) -> str:
             continue
         steps = s["step_seconds"]
         rows.append([
-            variant["name"], span(s, "samples_per_s", ".1f"), *[ratio_cell(variant, b) for b in baselines],
+            variant["name"], span(s, "samples_per_s", ".1f"),
+            *([span(s, "samples_per_s_per_device", ".1f")] if per_device else []), *[ratio_cell(variant, b) for b in baselines],
             span(s, "real_tokens_per_s", ".0f"), span(s, "padded_tokens_per_s", ".0f"),
             f"{s['padding_efficiency']['median']:.2f}", f"{steps['min']:.3f} / {steps['median']:.3f} / {steps['max']:.3f}",
-            flops_cell(s), span(s, "accuracy", ".3f"), span(s, "peak_rss_bytes", ".0f", MIB), span(s, "load_1min", ".1f"),
+            flops_cell(s), span(s, "accuracy", ".3f"), span(s, "peak_rss_bytes", ".0f", MIB),
+            *([span(s, "peak_device_memory_bytes", ".0f", MIB)] if device_memory else []),
+            span(s, "load_1min", ".1f"),
         ])
     return "\n".join("| " + " | ".join(row) + " |" for row in rows) + "\n"
 

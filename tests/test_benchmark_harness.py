@@ -115,6 +115,7 @@ def test_compare_aggregates_a_two_process_launch_across_ranks(assets, tmp_path, 
     assert code == 0
     result = json.loads((tmp_path / "results" / "ddp.json").read_text())
     assert result["settings"]["processes"] == 2
+    assert "| samples/s per device |" in (tmp_path / "results" / "ddp.md").read_text()
     (run,) = result["variants"][0]["runs"]
     steps = [r for r in read_metrics_log(run["log_dir"]) if r["kind"] == "train"]
     # 64 samples at a global batch of 8 x 2 ranks: 4 steps, each record summed over both ranks.
