@@ -23,7 +23,7 @@ from typing import Any, Optional
 
 from transformers import AutoConfig
 
-from launcher.devices import DeviceInfo, detect_device, supports
+from launcher.devices import DeviceInfo, detect_device, native_bf16
 from launcher.flops import PeakFlops, TransformerShape, peak_bf16_flops, shape_from_pretrained
 from launcher.packing import packing_problem
 from launcher.recipe import Recipe
@@ -120,7 +120,7 @@ def runs_on(variant: Variant, plan: Plan) -> bool:
     if variant.needs == "cpu":
         return plan.device.type == "cpu"
     if variant.needs == "bf16":
-        return supports(plan.device, "bf16")
+        return native_bf16(plan.device)
     if variant.needs == "packing":
         config = AutoConfig.from_pretrained(plan.recipe.model.name_or_path, trust_remote_code=plan.recipe.model.trust_remote_code)
         return packing_problem(config.model_type) is None

@@ -98,8 +98,10 @@ def plot(result: dict[str, Any], path: Path) -> None:
     axes.invert_yaxis()
     axes.set_xlabel("training samples/s after warm-up (median, min-max over repeats)")
     axes.set_title(f"{result['settings']['recipe_path']} on {result['machine']['device_name']} ({result['machine']['cpu']})", fontsize=9)
-    for y, value in enumerate(medians):
-        axes.annotate(f"{value:.1f}", (value, y), xytext=(4, -3), textcoords="offset points", fontsize=8)
+    # The label sits past the range's end so the error bar never runs through it.
+    for y, (value, above) in enumerate(zip(medians, high)):
+        axes.annotate(f"{value:.1f}", (value + above, y), xytext=(5, -3), textcoords="offset points", fontsize=8)
+    axes.set_xlim(right=max(m + h for m, h in zip(medians, high)) * 1.1)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

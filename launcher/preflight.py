@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from launcher.data import DataError, load_splits, resolve_labels
-from launcher.devices import DeviceInfo, supports
+from launcher.devices import DeviceInfo, precision_note, supports
 from launcher.memory_plan import MemoryPlanError, Topology, describe_memory, estimate_memory, fits, measure_model
 from launcher.modeling import check_lora_architecture
 from launcher.optimization import steps_per_epoch, total_optimizer_steps, warmup_steps
@@ -94,6 +94,7 @@ def check_recipe(recipe: Recipe, topology: Topology, device: DeviceInfo) -> tupl
     if not supports(device, recipe.training.precision):
         plan.notes.append(f"{recipe.training.precision} is not supported on this machine's {device.type}; "
                           "it runs where it is (e.g. the GPU nodes)")
+    plan.notes += filter(None, [precision_note(device, recipe.training.precision)])
     return plan, problems
 
 

@@ -86,7 +86,8 @@ class DataSection(Section):
     `packed` (decoder models) joins each training batch's examples into one row with no padding at all, each
     example attending only to itself and classified at its own last token (evaluation batches stay `dynamic`)."""
     group_by_length: bool = False
-    """Batch examples of similar length together (shuffled megabatches), which cuts padding further."""
+    """Batch examples of similar length together, which cuts padding further: shuffle, sort within megabatches of
+    up to 50 batches, then shuffle the batches (no longest-to-shortest order within an epoch)."""
     num_workers: int = Field(default=0, ge=0)
     """DataLoader worker processes. 0 loads in the training process (best on small CPU machines)."""
 
@@ -134,9 +135,11 @@ class TrainingSection(Section):
     max_grad_norm: Optional[float] = Field(default=1.0, gt=0.0)
     """Clip the global gradient norm to this; null disables clipping."""
     precision: Precision = "fp32"
-    """Compute precision: fp32, or bf16 / fp16 mixed precision (autocast) through Accelerate."""
+    """Compute precision: fp32, or bf16 / fp16 mixed precision (autocast) through Accelerate. On CPU: bf16 only,
+    and slower than fp32 unless the CPU has AVX-512 BF16 or AMX (the run plan says so)."""
     precision_fallback: bool = False
-    """If bf16/fp16 is requested on hardware without it, fall back to fp32 with a warning instead of failing."""
+    """If bf16/fp16 is requested on hardware without it (fp16 on CPU, bf16 on a V100 or a 910A NPU), fall back to
+    fp32 with a warning instead of failing."""
     seed: int = Field(default=42, ge=0, lt=2**32)
     """Seed of model init (classification head), shuffling and dropout. Same recipe + seed = same losses on CPU."""
     log_every_steps: int = Field(default=10, ge=1)
@@ -147,11 +150,13 @@ class TrainingSection(Section):
     collective_timeout_s: int = Field(default=1800, ge=10)
     """Timeout of collectives (gloo/nccl/hccl): a rank that stops answering ends the run after this."""
     compile: bool = False
-    """Wrap the model in `torch.compile`."""
+    """Wrap the model in `torch.compile`. Compiling takes minutes before the first step (about 110 s for MiniLM
+    on 2 CPU cores, for 10% faster steps after it), so it pays off on long runs only."""
     reuse_host_memory: bool = True
     """Keep freed host (CPU) memory inside the process (glibc `mallopt`) instead of handing large blocks back to
-    the OS: gradients are reallocated every step, and fresh pages cost a page fault each. Measured 10-15% faster
-    CPU steps on MiniLM (docs/benchmarks.md); the process keeps its peak RSS. No effect without glibc."""
+    the OS: gradients are reallocated every step, and fresh pages cost a page fault each. Measured on MiniLM on
+    2 CPU cores: 5% more samples/s (median of 3; 0-12% per pair of runs; docs/benchmarks.md); the process keeps
+    its peak RSS. No effect without glibc."""
     log_sample_fingerprints: bool = False
     """Debug: add `sample_fingerprints` (crc32 of each example's token ids, all ranks, in order) to every train log
     record, to check which examples each step saw (e.g. that a resumed run continues the data order exactly)."""

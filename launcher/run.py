@@ -28,7 +28,7 @@ from accelerate.utils import set_seed
 
 from launcher.checkpointing import CheckpointError, Checkpointer, TrainPosition
 from launcher.data import DataError, build_dataloaders, load_splits, resolve_labels, tokenize_splits
-from launcher.devices import PrecisionError, detect_device, resolve_precision
+from launcher.devices import PrecisionError, detect_device, precision_note, resolve_precision
 from launcher.distributed import LaunchError, build_accelerator
 from launcher.host_memory import keep_freed_host_memory
 from launcher.memory_plan import Topology, load_topology
@@ -149,6 +149,7 @@ def setup(recipe: Recipe) -> Session:
                    len(tokenized.train), len(tokenized.eval) if tokenized.eval is not None else None)
     trainable, total = count_parameters(model)
     plan.notes += [f"parameters: {trainable:,} trainable of {total:,}", host_memory]
+    plan.notes += filter(None, [precision_note(device, precision)])
     if position.optimizer_step:
         plan.notes.append(f"resumed at optimizer step {position.optimizer_step} (epoch {position.epoch}, batch {position.batches_in_epoch})")
     accelerator.print(plan.describe())

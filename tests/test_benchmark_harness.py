@@ -12,6 +12,7 @@ from conftest import REPO, tiny_recipe, write_recipe
 # benchmarks/ is a folder of the repository, not part of the installed package.
 sys.path.insert(0, str(REPO))
 
+from benchmarks.accuracy_table import accuracy_table  # noqa: E402
 from benchmarks.compare import main as compare_main  # noqa: E402
 from benchmarks.measure import MeasureError, measure_run, ratios, summarize_repeats  # noqa: E402
 from launcher.flops import TransformerShape  # noqa: E402
@@ -52,6 +53,24 @@ def test_ratios_are_median_over_median():
                                "step_seconds": {"min": 1, "median": 1, "max": 1}}])
     assert fast["samples_per_s"] == {"min": 10.0, "median": 20.0, "max": 30.0}
     assert ratios(fast, slow) == pytest.approx({"samples_per_s_x": 4.0, "real_tokens_per_s_x": 8.0, "accuracy_delta": 0.1})
+
+
+def comparison(seed: int, accuracy: dict[str, float]) -> dict:
+    """The parts of a `benchmarks.compare` result file the accuracy table reads."""
+    variants = [{"name": name, "summary": {"accuracy": {"min": a, "median": a, "max": a}}} for name, a in accuracy.items()]
+    variants.append({"name": "launcher_bf16", "summary": {}})  # skipped on this hardware: no accuracy, no row
+    return {"recipe": {"training": {"seed": seed}}, "variants": variants}
+
+
+def test_accuracy_table_pairs_each_seed_with_the_baseline():
+    results = [comparison(42, {"base": 0.70, "fast": 0.72}), comparison(1, {"base": 0.68, "fast": 0.65})]
+    table = accuracy_table(results, against="base").splitlines()
+    assert table[0] == "| variant | seed 1 | seed 42 | mean | minus base: mean [min, max] |"
+    assert table[2] == "| base | 0.680 | 0.700 | 0.690 | +0.000 [+0.000, +0.000] |"
+    assert table[3] == "| fast | 0.650 | 0.720 | 0.685 | -0.005 [-0.030, +0.020] |"
+    assert len(table) == 4
+    with pytest.raises(ValueError, match="--against missing: not measured in every result file"):
+        accuracy_table(results, against="missing")
 
 
 def test_compare_runs_baselines_and_launcher_and_writes_consistent_results(assets, tmp_path):

@@ -178,3 +178,16 @@ def test_length_grouped_sampler_reduces_padding():
         return sum(max(lengths[i] for i in order[k:k + 8]) * 8 for k in range(0, 400, 8))
 
     assert padded(grouped) < 0.7 * padded(shuffled)
+
+
+def test_length_grouped_batches_come_in_random_order():
+    """No length curriculum: transformers' grouping alone runs each megabatch's batches longest to shortest."""
+    lengths = [(i * 37) % 100 + 1 for i in range(403)]  # 403 = 50 batches of 8 and a short one of 3
+    order = list(EpochShuffleSampler(403, seed=0, batch_size=8, lengths=lengths))
+    assert sorted(order) == list(range(403))
+    batches = [order[start:start + 8] for start in range(0, 403, 8)]
+    assert max(lengths) in [lengths[i] for i in batches[0]]  # an out-of-memory shows at the first step
+    assert len(batches[-1]) == 3  # the loader cuts batches from the order: a short one must stay last
+    longest = [max(lengths[i] for i in batch) for batch in batches[1:-1]]
+    descents = sum(a > b for a, b in zip(longest, longest[1:])) / (len(longest) - 1)
+    assert 0.3 < descents < 0.7, f"{descents:.0%} of consecutive batches get shorter"

@@ -20,7 +20,9 @@ from accelerate.state import PartialState
 from accelerate.utils import DistributedType, set_seed
 from accelerate.utils import imports as accelerate_imports
 
-from launcher.devices import PrecisionError, detect_device, peak_allocated_bytes, resolve_precision, supports
+from launcher.devices import (
+    PrecisionError, detect_device, native_bf16, peak_allocated_bytes, precision_note, resolve_precision, supports,
+)
 from launcher.distributed import LaunchError, check_local_processes
 
 
@@ -111,6 +113,23 @@ def test_bf16_only_on_910b_and_later(simulated_npu, bf16):
     if not bf16:
         with pytest.raises(PrecisionError, match="training.precision=bf16 is not supported on npu"):
             resolve_precision(device, "bf16", allow_fallback=False)
+
+
+@pytest.mark.parametrize(("avx512_bf16", "amx"), [(False, False), (True, False), (False, True)])
+def test_cpu_runs_bf16_everywhere_and_says_when_it_is_converted(monkeypatch, avx512_bf16, amx):
+    """CPU autocast computes bf16 on any CPU; only AVX-512 BF16 or AMX make it native, and the plan says when not."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    cpu = detect_device()
+    assert supports(cpu, "bf16") and not supports(cpu, "fp16")
+    assert resolve_precision(cpu, "bf16", allow_fallback=False) == "bf16"
+    assert native_bf16(cpu) is (avx512_bf16 or amx)
+    note = precision_note(cpu, "bf16")
+    assert (note is None) is (avx512_bf16 or amx)
+    assert note is None or "slower than fp32" in note
+    assert precision_note(cpu, "fp32") is None
+    with pytest.raises(PrecisionError, match="training.precision=fp16 is not supported on cpu"):
+        resolve_precision(cpu, "fp16", allow_fallback=False)
 
 
 def test_seeding_reaches_the_npu_generators(simulated_npu):
