@@ -5,7 +5,7 @@ on CPU that is every parameter's worth of memory per step. glibc serves blocks a
 (128 KiB, growing to at most 32 MiB) with fresh `mmap`s and returns them with `munmap`, so every step
 page-faults the whole gradient set back in. Raising the mmap and trim thresholds keeps freed blocks in the
 heap for the next step: MiniLM steps went from about 175 to 155 ms in a profile on 2 Xeon cores, and the
-benchmark harness measured 5% more samples/s (median of 3) on 2 EPYC cores (docs/benchmarks.md). The
+benchmark harness measured 5% and 10% more samples/s (medians of 3) on 2 EPYC cores (docs/benchmarks.md). The
 cost is that the process keeps its peak resident size, which a training process reaches every step anyway.
 This is what `MALLOC_MMAP_THRESHOLD_` / `MALLOC_TRIM_THRESHOLD_` in the environment do, applied from inside
 the process so that `python launcher/run.py` gets it without a wrapper.

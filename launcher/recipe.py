@@ -155,7 +155,7 @@ class TrainingSection(Section):
     reuse_host_memory: bool = True
     """Keep freed host (CPU) memory inside the process (glibc `mallopt`) instead of handing large blocks back to
     the OS: gradients are reallocated every step, and fresh pages cost a page fault each. Measured on MiniLM on
-    2 CPU cores: 5% more samples/s (median of 3; 0-12% per pair of runs; docs/benchmarks.md); the process keeps
+    2 CPU cores: 5% and 10% more samples/s in two 3-repeat comparisons (docs/benchmarks.md); the process keeps
     its peak RSS. No effect without glibc."""
     log_sample_fingerprints: bool = False
     """Debug: add `sample_fingerprints` (crc32 of each example's token ids, all ranks, in order) to every train log
