@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from conftest import eval_loss_of, run_cli, run_in_process, tiny_recipe, write_recipe
+from launcher.devices import detect_device, native_bf16
 from launcher.reporting import read_metrics_log
 from launcher.run_directory import read_run_summary
 
@@ -99,8 +100,11 @@ def test_llama_without_pad_token_trains_batches_with_padding(tmp_path, assets):
     assert any(r["padded_tokens"] > r["real_tokens"] for r in log if r["kind"] == "train")
 
 
-def test_bf16_autocast_on_cpu(tmp_path, assets):
+def test_bf16_autocast_on_cpu(tmp_path, assets, capsys):
     out = train(tmp_path, assets, "bf16", training={"precision": "bf16", "epochs": 1})
+    # Runs on every CPU; the plan says when the CPU has no bf16 arithmetic of its own.
+    converted = not native_bf16(detect_device())
+    assert ("bf16 on this CPU (no AVX-512 BF16 or AMX) runs through fp32 conversions" in capsys.readouterr().out) is converted
     log = [r for r in read_metrics_log(out) if r["kind"] == "train"]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in log)
     # Mixed precision pads to a multiple of 8 for tensor-core shapes.
