@@ -66,13 +66,14 @@ def measure_run(
         "model_flops_per_s": flops / seconds,
         "mfu": model_flops_utilization(flops / seconds, peak, devices),
         "accuracy": evaluation.get("accuracy"),
+        "eval_loss": evaluation.get("loss"),
         "eval_examples": evaluation.get("examples"),
         "peak_device_memory_bytes": evaluation.get("peak_device_memory_bytes"),
     }
 
 
 SUMMARIZED = ("samples_per_s", "samples_per_s_per_device", "real_tokens_per_s", "padded_tokens_per_s",
-              "padding_efficiency", "model_flops_per_s", "mfu", "accuracy", "peak_rss_bytes",
+              "padding_efficiency", "model_flops_per_s", "mfu", "accuracy", "eval_loss", "peak_rss_bytes",
               "peak_device_memory_bytes", "wall_seconds", "load_1min")
 
 

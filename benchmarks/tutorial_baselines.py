@@ -152,7 +152,8 @@ def run_baseline(recipe: Recipe, way: str, steps: int, out: Path) -> list[dict[s
     trainer.train()
     prediction = trainer.predict(tokenized.eval)
     metrics = compute_metrics(recipe.evaluation.metrics, np.argmax(prediction.predictions, axis=-1), prediction.label_ids)
-    evaluation = {"kind": "eval", "step": steps, **metrics, "examples": len(prediction.label_ids), "max_length": max_length}
+    evaluation = {"kind": "eval", "step": steps, "loss": prediction.metrics["test_loss"], **metrics,
+                  "examples": len(prediction.label_ids), "max_length": max_length}
     peak = peak_allocated_bytes(detect_device().type)
     if peak is not None:
         evaluation["peak_device_memory_bytes"] = peak

@@ -97,6 +97,18 @@ def check_one_training_group(accelerator: Accelerator, world_size: int, device: 
     )
 
 
+def optimizer_step_device(accelerator: Accelerator, device_type: str) -> str:
+    """Where the optimizer steps: on the host when DeepSpeed offloads optimizer states (to CPU or NVMe through the
+    CPU), else on the training device."""
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return device_type
+    return "cpu" if optimizer_offloaded(accelerator.state.deepspeed_plugin.deepspeed_config) else device_type
+
+
+def optimizer_offloaded(config: dict) -> bool:
+    return config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") != "none"
+
+
 def recipe_owned_deepspeed_values(training: TrainingSection, precision: Precision, world_size: int) -> dict[str, Any]:
     """The DeepSpeed config keys (dotted) whose values the recipe decides, with the recipe's values.
 
@@ -131,6 +143,12 @@ def reconcile_deepspeed_config(config: dict, training: TrainingSection, precisio
     for section in ("optimizer", "scheduler"):
         if section in config:
             problems.append(f"`{section}` is set: the recipe's training section owns the optimizer and LR schedule")
+    if optimizer_offloaded(config):
+        # DeepSpeed refuses a torch optimizer under offload unless told otherwise, expecting it to be slow. The
+        # launcher's is torch's fused AdamW stepping on the host: as fast as DeepSpeedCPUAdam (measured, docs/).
+        if config.setdefault("zero_force_ds_cpu_optimizer", False):
+            problems.append("zero_force_ds_cpu_optimizer is true: the launcher steps offloaded optimizer states with "
+                            "torch's fused AdamW on the host (as fast as DeepSpeedCPUAdam); set it to false")
     zero = config.get("zero_optimization", {})
     if zero.get("stage") == 3 and not zero.get("stage3_gather_16bit_weights_on_model_save", False):
         problems.append("zero_optimization.stage3_gather_16bit_weights_on_model_save must be true: the final "

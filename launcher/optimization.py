@@ -14,10 +14,11 @@ from launcher.recipe import TrainingSection
 FUSED_ADAMW_DEVICES = ("cpu", "cuda")
 
 
-def build_optimizer(model: torch.nn.Module, training: TrainingSection, device_type: str) -> torch.optim.AdamW:
+def build_optimizer(model: torch.nn.Module, training: TrainingSection, step_device: str) -> torch.optim.AdamW:
     """Weight decay on matrices only: decaying biases and norm scales hurts and is not what AdamW papers do.
     Fused where available: the per-tensor AdamW step cost more than forward + backward of MiniLM on CPU
-    (155-290 ms against 24-29 ms fused, benchmarks/), and the Trainer baselines use the fused kernel too."""
+    (155-290 ms against 24-29 ms fused, benchmarks/), and the Trainer baselines use the fused kernel too.
+    `step_device` is where the step runs: "cpu" under DeepSpeed optimizer offload, whatever the accelerator."""
     trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     groups = [
         {"params": [p for _, p in trainable if p.ndim >= 2], "weight_decay": training.weight_decay},
@@ -25,7 +26,7 @@ def build_optimizer(model: torch.nn.Module, training: TrainingSection, device_ty
     ]
     return torch.optim.AdamW(
         [g for g in groups if g["params"]], lr=training.lr, betas=training.adam_betas, eps=training.adam_eps,
-        fused=device_type in FUSED_ADAMW_DEVICES,
+        fused=step_device in FUSED_ADAMW_DEVICES,
     )
 
 

@@ -29,7 +29,7 @@ from accelerate.utils import set_seed
 from launcher.checkpointing import CheckpointError, Checkpointer, TrainPosition
 from launcher.data import DataError, build_dataloaders, load_splits, resolve_labels, tokenize_splits
 from launcher.devices import PrecisionError, detect_device, precision_note, resolve_precision
-from launcher.distributed import LaunchError, build_accelerator
+from launcher.distributed import LaunchError, build_accelerator, optimizer_step_device
 from launcher.host_memory import keep_freed_host_memory
 from launcher.memory_plan import Topology, load_topology
 from launcher.modeling import count_parameters, export_model, load_model, load_tokenizer
@@ -123,7 +123,7 @@ def setup(recipe: Recipe) -> Session:
     model = load_model(recipe, labels, tokenizer)
     if recipe.training.compile:
         model.compile()  # in place: parameter names and state_dict keys stay those of the plain model
-    optimizer = build_optimizer(model, recipe.training, device.type)
+    optimizer = build_optimizer(model, recipe.training, optimizer_step_device(accelerator, device.type))
     total_steps = total_optimizer_steps(len(tokenized.train), recipe.training, accelerator.num_processes)
     scheduler = build_scheduler(optimizer, recipe.training, total_steps)
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)

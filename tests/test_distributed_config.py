@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 import yaml
 
 from conftest import REPO, tiny_recipe, write_recipe
-from launcher.distributed import DeepSpeedConfigError, reconcile_deepspeed_config
+from launcher.distributed import DeepSpeedConfigError, optimizer_offloaded, reconcile_deepspeed_config
+from launcher.optimization import build_optimizer
 from launcher.recipe import TrainingSection
 from test_distributed_runs import CPU_DEEPSPEED, launch
 
@@ -62,6 +64,24 @@ def test_zero3_must_gather_the_model_for_export():
     config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = False
     with pytest.raises(DeepSpeedConfigError, match="stage3_gather_16bit_weights_on_model_save must be true"):
         reconcile_deepspeed_config(config, TRAINING, "bf16", world_size=1)
+
+
+def test_offloaded_optimizer_states_are_stepped_by_the_recipes_torch_optimizer():
+    config = shipped("zero3_offload.json")
+    assert optimizer_offloaded(config) and not optimizer_offloaded(shipped("zero3.json"))
+    reconcile_deepspeed_config(config, TRAINING, "bf16", world_size=8)
+    assert config["zero_force_ds_cpu_optimizer"] is False  # else DeepSpeed refuses any optimizer but its own
+    config["zero_force_ds_cpu_optimizer"] = True
+    with pytest.raises(DeepSpeedConfigError, match="zero_force_ds_cpu_optimizer is true"):
+        reconcile_deepspeed_config(config, TRAINING, "bf16", world_size=8)
+
+
+@pytest.mark.parametrize(("step_device", "fused"), [("cpu", True), ("cuda", True), ("npu", False)])
+def test_adamw_is_fused_where_the_step_runs_has_a_fused_kernel(step_device, fused):
+    model = torch.nn.Linear(4, 2)
+    optimizer = build_optimizer(model, TRAINING, step_device)
+    assert all(group["fused"] == fused for group in optimizer.param_groups)
+    assert [group["weight_decay"] for group in optimizer.param_groups] == [TRAINING.weight_decay, 0.0]  # bias undecayed
 
 
 @pytest.mark.slow
