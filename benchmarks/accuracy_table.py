@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metric", choices=METRICS, default="accuracy", help="what to tabulate (eval_loss: lower is better)")
     args = parser.parse_args(argv)
     results = [json.loads(path.read_text(encoding="utf-8")) for path in args.results]
-    print(accuracy_table(results, args.against, args.metric))
+    try:
+        print(accuracy_table(results, args.against, args.metric))
+    except ValueError as err:  # e.g. eval_loss asked of result files written before the harness logged it
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -15,6 +15,7 @@ from conftest import REPO, run_in_process, tiny_recipe, write_recipe
 sys.path.insert(0, str(REPO))
 
 from benchmarks.accuracy_table import accuracy_table  # noqa: E402
+from benchmarks.accuracy_table import main as accuracy_table_main  # noqa: E402
 from benchmarks.compare import main as compare_main  # noqa: E402
 from benchmarks.measure import MeasureError, measure_run, ratios, summarize_repeats  # noqa: E402
 from launcher.flops import TransformerShape  # noqa: E402
@@ -78,10 +79,14 @@ def test_accuracy_table_pairs_each_seed_with_the_baseline():
         accuracy_table(results, against="base", metric="eval_loss")
 
 
-def test_accuracy_table_tabulates_eval_loss_on_request():
+def test_accuracy_table_tabulates_eval_loss_on_request(tmp_path, capsys):
     results = [comparison(3, {"base": 0.55, "fast": 0.60}, metric="eval_loss")]
     table = accuracy_table(results, against="base", metric="eval_loss").splitlines()
     assert table[3] == "| fast | 0.600 | 0.600 | +0.050 ± 0.000 [+0.050, +0.050] |"
+    # Files from before the harness logged eval loss: a one-line error, not a traceback.
+    (tmp_path / "old.json").write_text(json.dumps(comparison(1, {"base": 0.7})))
+    assert accuracy_table_main([str(tmp_path / "old.json"), "--against", "base", "--metric", "eval_loss"]) == 1
+    assert capsys.readouterr().err == "error: --against base: eval_loss not measured in every result file\n"
 
 
 def test_compare_runs_baselines_and_launcher_and_writes_consistent_results(assets, tmp_path):
