@@ -4,13 +4,15 @@ raised before any weights load (checked here on the function and once through a 
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
 import yaml
+from accelerate.utils import DistributedType
 
 from conftest import REPO, tiny_recipe, write_recipe
-from launcher.distributed import DeepSpeedConfigError, optimizer_offloaded, reconcile_deepspeed_config
+from launcher.distributed import DeepSpeedConfigError, optimizer_offloaded, optimizer_step_device, reconcile_deepspeed_config
 from launcher.optimization import build_optimizer
 from launcher.recipe import TrainingSection
 from test_distributed_runs import CPU_DEEPSPEED, launch
@@ -78,10 +80,22 @@ def test_offloaded_optimizer_states_are_stepped_by_the_recipes_torch_optimizer()
 
 @pytest.mark.parametrize(("step_device", "fused"), [("cpu", True), ("cuda", True), ("npu", False)])
 def test_adamw_is_fused_where_the_step_runs_has_a_fused_kernel(step_device, fused):
-    model = torch.nn.Linear(4, 2)
-    optimizer = build_optimizer(model, TRAINING, step_device)
+    optimizer = build_optimizer(torch.nn.Linear(4, 2), TrainingSection(weight_decay=0.1), step_device)
     assert all(group["fused"] == fused for group in optimizer.param_groups)
-    assert [group["weight_decay"] for group in optimizer.param_groups] == [TRAINING.weight_decay, 0.0]  # bias undecayed
+    assert [group["weight_decay"] for group in optimizer.param_groups] == [0.1, 0.0]  # the bias is not decayed
+
+
+def accelerator_with(distributed_type: DistributedType, deepspeed_config: dict | None = None) -> SimpleNamespace:
+    """The two attributes `optimizer_step_device` reads from an Accelerator."""
+    plugin = SimpleNamespace(deepspeed_config=deepspeed_config)
+    return SimpleNamespace(distributed_type=distributed_type, state=SimpleNamespace(deepspeed_plugin=plugin))
+
+
+def test_offloaded_optimizer_steps_on_the_host_whatever_the_accelerator():
+    offload = accelerator_with(DistributedType.DEEPSPEED, shipped("zero3_offload.json"))
+    assert optimizer_step_device(offload, "npu") == "cpu"  # fused CPU kernel instead of NPU's unfused fallback
+    assert optimizer_step_device(accelerator_with(DistributedType.DEEPSPEED, shipped("zero3.json")), "npu") == "npu"
+    assert optimizer_step_device(accelerator_with(DistributedType.MULTI_GPU), "cuda") == "cuda"
 
 
 @pytest.mark.slow
