@@ -34,6 +34,7 @@ from benchmarks.environment import describe_machine, load_1min
 from benchmarks.measure import MeasureError, measure_run, ratios, summarize_repeats
 from benchmarks.processes import run_child
 from benchmarks.report import first_failure, markdown_table, write_results
+from benchmarks.tutorial_baselines import baseline_lengths
 
 REPO = Path(__file__).resolve().parent.parent
 RUN_PY = REPO / "launcher" / "run.py"
@@ -158,6 +159,14 @@ def command_for(plan: Plan, variant: Variant, out: Path) -> list[str]:
     return [*plan.launch, str(RUN_PY), plan.recipe_path, *plan.overrides, *variant.overrides, *measurement]
 
 
+def token_lengths(plan: Plan, variant: Variant) -> dict[str, Any]:
+    """Where the variant's texts end and what they are padded to (`batch`: each batch's longest; `none`: packed)."""
+    if variant.tutorial_way:
+        return baseline_lengths(plan.recipe, variant.tutorial_way)
+    data = load_recipe(plan.recipe_path, [*plan.overrides, *variant.overrides]).data
+    return {"truncate_at": data.max_length, "pad_to": {"max_length": data.max_length, "dynamic": "batch", "packed": "none"}[data.padding]}
+
+
 def run_once(plan: Plan, variant: Variant, repeat: int) -> dict[str, Any]:
     """One fresh process of `variant`, measured; a failed run is recorded with its log tail, not raised."""
     out = plan.work_dir / f"{variant.name}-{repeat}"
@@ -185,7 +194,7 @@ def compare(plan: Plan, variants: list[Variant]) -> list[dict[str, Any]]:
     """All runs, interleaved so that changing machine load falls on every variant alike."""
     # The command as run, with R standing for the repeat number in the run folder.
     results = [{"name": v.name, "why": v.why, "command": shlex.join(command_for(plan, v, plan.work_dir / f"{v.name}-R")),
-                "env": dict(v.env), "runs": []} for v in variants]
+                "env": dict(v.env), "lengths": token_lengths(plan, v), "runs": []} for v in variants]
     for repeat in range(plan.repeats):
         for variant, result in zip(variants, results):
             print(f"[{repeat + 1}/{plan.repeats}] {variant.name} (load {load_1min():.1f}) ...", flush=True)

@@ -33,13 +33,24 @@ def flops_cell(summary: dict[str, Any]) -> str:
     return span(summary, "model_flops_per_s", ".3g", 1e9) + " GFLOP/s"
 
 
+def lengths_cell(variant: dict[str, Any]) -> str:
+    """`truncate / pad` token lengths, and the real tokens a sample the run read (older result files: `-`)."""
+    lengths = variant.get("lengths")
+    if not lengths:
+        return "-"
+    run = variant["runs"][0]
+    read = f", {run['real_tokens_per_s'] / run['samples_per_s']:.0f} read" if "samples_per_s" in run else ""
+    return f"{lengths['truncate_at']} / {lengths['pad_to']}{read}"
+
+
 def markdown_table(result: dict[str, Any]) -> str:
     baselines = result["baselines"]
     # Optional columns: per device when the launcher ran several processes, the device allocator's peak on GPUs/NPUs.
     per_device = result["settings"]["processes"] > 1
     device_memory = any("peak_device_memory_bytes" in v.get("summary", {}) for v in result["variants"])
     header = [
-        "variant", "samples/s", *(["samples/s per device"] if per_device else []), *[f"x {b}" for b in baselines],
+        "variant", "tokens: truncate / pad, read", "samples/s", *(["samples/s per device"] if per_device else []),
+        *[f"x {b}" for b in baselines],
         "real tok/s", "padded tok/s", "padding eff.", "step s min/med/max", "model FLOP/s", "accuracy", "peak RSS MiB",
         *(["peak device MiB"] if device_memory else []), "load 1 min",
     ]
@@ -47,11 +58,12 @@ def markdown_table(result: dict[str, Any]) -> str:
     for variant in result["variants"]:
         s = variant.get("summary")
         if not s:
-            rows.append([variant["name"], f"failed: {variant['runs'][-1].get('error', '')[:80]}"] + [""] * (len(header) - 2))
+            rows.append([variant["name"], lengths_cell(variant), f"failed: {variant['runs'][-1].get('error', '')[:80]}"]
+                        + [""] * (len(header) - 3))
             continue
         steps = s["step_seconds"]
         rows.append([
-            variant["name"], span(s, "samples_per_s", ".1f"),
+            variant["name"], lengths_cell(variant), span(s, "samples_per_s", ".1f"),
             *([span(s, "samples_per_s_per_device", ".1f")] if per_device else []), *[ratio_cell(variant, b) for b in baselines],
             span(s, "real_tokens_per_s", ".0f"), span(s, "padded_tokens_per_s", ".0f"),
             f"{s['padding_efficiency']['median']:.2f}", f"{steps['min']:.3f} / {steps['median']:.3f} / {steps['max']:.3f}",
@@ -77,6 +89,8 @@ def markdown_report(result: dict[str, Any]) -> str:
         f"{settings['processes']} process(es); first {settings['warmup_steps']} optimizer steps skipped; "
         f"{settings['repeats']} repeat(s), interleaved; cells are median [min-max] over repeats",
         f"- model FLOPs: {result['flops']['formula']}; {result['flops']['peak']}",
+        "- tokens: where each variant truncates its texts / what it pads them to (`batch`: each batch's longest, "
+        "`none`: packed), and the real tokens per training sample it read",
         f"- machine load (1-minute average) at each run's start is in the last column: above "
         f"{machine['cpu_cores_logical']} the runs shared the CPU with other work",
         "",

@@ -6,8 +6,12 @@
   `transformers.Trainer` with its default collator.
 - `dynamic`: the MRPC tutorial, `DataCollatorWithPadding` pads each batch to its longest member.
 
-Model, data, subsets, label ids, per-device batch, seed and the optimizer's hyper-parameters come from the
-recipe (through the launcher's own loaders), so only the training machinery differs. The run writes a
+Model, tokenizer, data, subsets, label ids, truncation, per-device batch, seed and the optimizer's hyper-parameters
+come from the recipe (through the launcher's own loaders), so only the training machinery differs. Both ways
+truncate at the recipe's `data.max_length`, as the launcher does, not at the tokenizer's `model_max_length`: that
+limit can be longer (MiniLM's 512 against a recipe's 256 read 406 tokens a news article against the launcher's 250)
+or no limit at all (decoder tokenizers report 1e30). The padded way still pads to the tutorial's 322, or to
+`data.max_length` where that is longer. The run writes a
 `metrics.jsonl` with the launcher's record layout (one `train` record per optimizer step, one `eval`
 record), which `benchmarks.measure` reads for both.
 """
@@ -26,8 +30,8 @@ import torch
 from accelerate.utils import set_seed
 from transformers import (
     AutoConfig,
-    AutoTokenizer,
     DataCollatorWithPadding,
+    PreTrainedTokenizerBase,
     Trainer,
     TrainerCallback,
     TrainingArguments,
@@ -35,10 +39,10 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from launcher.data import load_splits, resolve_labels, tokenize_splits
+from launcher.data import Splits, load_splits, resolve_labels, tokenize_splits
 from launcher.devices import detect_device, peak_allocated_bytes
 from launcher.metrics import compute_metrics
-from launcher.modeling import load_model
+from launcher.modeling import load_model, load_tokenizer
 from launcher.optimization import warmup_steps
 from launcher.recipe import Recipe
 from launcher.recipe_loader import load_recipe
@@ -99,10 +103,20 @@ class StepClock(TrainerCallback):
         self.last = now
 
 
-def tutorial_recipe(recipe: Recipe, way: str, max_length: int) -> Recipe:
-    """The recipe's data section tokenized the tutorial's way (same texts, labels and truncation rule)."""
-    padding = "max_length" if way == "max_length" else "dynamic"
-    return recipe.model_copy(update={"data": recipe.data.model_copy(update={"padding": padding, "max_length": max_length})})
+def baseline_lengths(recipe: Recipe, way: str) -> dict[str, Any]:
+    """Where a baseline's texts end (`truncate_at`) and what they are padded to (`pad_to`, `batch`: each batch's
+    longest)."""
+    pad_to = max(tutorial_max_length(recipe), recipe.data.max_length) if way == "max_length" else "batch"
+    return {"truncate_at": recipe.data.max_length, "pad_to": pad_to}
+
+
+def pad_every_text(tokenized: Splits, tokenizer: PreTrainedTokenizerBase, length: int) -> Splits:
+    """The Yelp tutorials' `padding="max_length"`: every text padded in the `map`, before training."""
+    def pad(batch: dict) -> dict:
+        return tokenizer.pad(batch, padding="max_length", max_length=length)
+
+    train, evaluation = (split.map(pad, batched=True, desc=f"padding to {length}") for split in (tokenized.train, tokenized.eval))
+    return Splits(train, evaluation, tokenized.train_origin, tokenized.eval_origin)
 
 
 def training_arguments(recipe: Recipe, steps: int, out: Path) -> TrainingArguments:
@@ -134,12 +148,15 @@ def training_arguments(recipe: Recipe, steps: int, out: Path) -> TrainingArgumen
 def run_baseline(recipe: Recipe, way: str, steps: int, out: Path) -> list[dict[str, Any]]:
     """Train `steps` optimizer steps the tutorial's way, evaluate once; returns the log records."""
     set_seed(recipe.training.seed)
-    tokenizer = AutoTokenizer.from_pretrained(recipe.model.name_or_path)
-    max_length = tutorial_max_length(recipe) if way == "max_length" else tokenizer.model_max_length
-    recipe = tutorial_recipe(recipe, way, max_length)
+    tokenizer = load_tokenizer(recipe.model)
+    lengths = baseline_lengths(recipe, way)
+    # Tokenized unpadded and truncated at data.max_length, as the launcher's dynamic padding does; never packed.
+    recipe = recipe.model_copy(update={"data": recipe.data.model_copy(update={"padding": "dynamic"})})
     splits = load_splits(recipe.data)
     labels = resolve_labels(splits, recipe.data, recipe.task.num_labels)
     tokenized = tokenize_splits(splits, recipe.data, labels, tokenizer)
+    if way == "max_length":
+        tokenized = pad_every_text(tokenized, tokenizer, lengths["pad_to"])
     collator = CountingCollator(default_data_collator if way == "max_length" else DataCollatorWithPadding(tokenizer))
     clock = StepClock(collator)
     trainer = Trainer(
@@ -153,7 +170,7 @@ def run_baseline(recipe: Recipe, way: str, steps: int, out: Path) -> list[dict[s
     prediction = trainer.predict(tokenized.eval)
     metrics = compute_metrics(recipe.evaluation.metrics, np.argmax(prediction.predictions, axis=-1), prediction.label_ids)
     evaluation = {"kind": "eval", "step": steps, "loss": prediction.metrics["test_loss"], **metrics,
-                  "examples": len(prediction.label_ids), "max_length": max_length}
+                  "examples": len(prediction.label_ids), **lengths}
     peak = peak_allocated_bytes(detect_device().type)
     if peak is not None:
         evaluation["peak_device_memory_bytes"] = peak

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import itertools
 import json
+import shutil
 import sys
 
 import pytest
 import torch
 
+from builders import sentiment_rows, write_csv
 from conftest import REPO, run_in_process, tiny_recipe, write_recipe
 
 # benchmarks/ is a folder of the repository, not part of the installed package.
@@ -121,6 +123,59 @@ def test_compare_runs_baselines_and_launcher_and_writes_consistent_results(asset
     max_length_run = variants["tutorial_max_length"]["runs"][0]
     assert max_length_run["padded_tokens_per_s"] / max_length_run["samples_per_s"] == pytest.approx(128)
     assert variants["launcher_group_by_length"]["runs"][0]["padding_efficiency"] > max_length_run["padding_efficiency"]
+    # Every variant truncates where the recipe says (64); the report names the lengths each one used.
+    assert {name: v["lengths"] for name, v in variants.items()} == {
+        "tutorial_max_length": {"truncate_at": 64, "pad_to": 128}, "tutorial_dynamic": {"truncate_at": 64, "pad_to": "batch"},
+        "launcher_group_by_length": {"truncate_at": 64, "pad_to": "batch"},
+    }
+    read = max_length_run["real_tokens_per_s"] / max_length_run["samples_per_s"]
+    assert f"| tutorial_max_length | 64 / 128, {read:.0f} read |" in (tmp_path / "results" / "tiny.md").read_text()
+
+
+def long_text_recipe(assets, tmp_path, model="bert"):
+    """News-article-like texts: every one is longer than the recipe's `data.max_length` of 16."""
+    from launcher.recipe_loader import load_recipe
+
+    rows = sentiment_rows(32, seed=4)
+    for row in rows:
+        row["text"] = " ".join([row["text"]] * 8)  # 24 to 120 words
+    data = write_csv(tmp_path / "long.csv", rows)
+    recipe = tiny_recipe(assets, tmp_path / "unused", model=model, data={"train_file": str(data), "eval_file": str(data), "max_length": 16})
+    return load_recipe(write_recipe(tmp_path / "long.yaml", recipe))
+
+
+@pytest.mark.parametrize("way, pad_to", [("dynamic", 16), ("max_length", 128)])
+def test_baselines_truncate_long_texts_at_the_recipes_max_length(assets, tmp_path, way, pad_to):
+    """Same work as the launcher: 16 real tokens a sample, not the tokenizer's `model_max_length` of 128. The padded
+    way still pads to the tutorial's 322 (here the tiny model's 128 positions)."""
+    from benchmarks.tutorial_baselines import run_baseline
+
+    *steps, evaluation = run_baseline(long_text_recipe(assets, tmp_path), way, steps=2, out=tmp_path / way)
+    assert all((r["real_tokens"], r["padded_tokens"]) == (16 * r["samples"], pad_to * r["samples"]) for r in steps), steps
+    assert (evaluation["truncate_at"], evaluation["pad_to"]) == (16, "batch" if way == "dynamic" else 128)
+
+
+def test_padded_baseline_pads_to_data_max_length_where_that_is_longer(assets, tmp_path, monkeypatch):
+    import benchmarks.tutorial_baselines as tutorial
+
+    monkeypatch.setattr(tutorial, "TUTORIAL_MAX_LENGTH", 8)
+    assert tutorial.baseline_lengths(long_text_recipe(assets, tmp_path), "max_length") == {"truncate_at": 16, "pad_to": 16}
+
+
+def test_dynamic_baseline_trains_a_decoder_whose_tokenizer_has_no_length_limit(assets, tmp_path):
+    """Decoder tokenizers report `model_max_length = 1e30`; truncating there raised OverflowError."""
+    from transformers import AutoTokenizer
+
+    from benchmarks.tutorial_baselines import run_baseline
+
+    folder = shutil.copytree(assets["llama"], tmp_path / "llama_unlimited")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.model_max_length = int(1e30)
+    tokenizer.save_pretrained(folder)
+    assert AutoTokenizer.from_pretrained(folder).model_max_length == int(1e30)
+    recipe = long_text_recipe({**assets, "llama_unlimited": folder}, tmp_path, model="llama_unlimited")
+    *steps, evaluation = run_baseline(recipe, "dynamic", steps=2, out=tmp_path / "run")
+    assert all(r["real_tokens"] == 16 * r["samples"] for r in steps) and evaluation["examples"] == 32
 
 
 def reseeding_dropout(load_model):
