@@ -202,8 +202,13 @@ class OutputSection(Section):
     """Resume even if the global batch, world size or schedule differ from the checkpoint's (a different run)."""
     overwrite: bool = False
     """Allow starting a new run in a `dir` that already holds a finished run (its files are replaced)."""
-    report_to: Literal["auto", "tensorboard", "none"] = "auto"
-    """Accelerate tracker besides the JSONL log: `auto` uses TensorBoard when it is installed."""
+    report_to: Literal["auto", "none", "tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio"] = "auto"
+    """Accelerate tracker besides the JSONL log, which gets the same numbers: `auto` is TensorBoard when it is
+    installed (events in `<dir>/tensorboard/`); a tracker named here must be installed (`pip install mlflow-skinny`,
+    `wandb`, ...) and is configured by its own environment variables. mlflow offline, no server, with
+    mlflow-skinny: `MLFLOW_TRACKING_URI=file:/abs/path/mlruns MLFLOW_ALLOW_FILE_STORE=true MLFLOW_DISABLE_TELEMETRY=true`
+    (a local file store; unset, MLflow 3 opens `mlflow.db` in the working directory, which needs SQLAlchemy); wandb
+    offline: `WANDB_MODE=offline`."""
 
 
 class Recipe(Section):

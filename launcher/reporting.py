@@ -8,16 +8,29 @@ from pathlib import Path
 from typing import Any, Optional
 
 from accelerate import Accelerator
+from accelerate.tracking import get_available_trackers
 from tqdm.auto import tqdm
 
+from launcher.recipe_loader import RecipeError
+
 METRICS_LOG = "metrics.jsonl"
+# Accelerate's trackers, each with the package that provides it.
+TRACKER_PACKAGES = {
+    "tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow-skinny", "comet_ml": "comet-ml", "aim": "aim",
+    "clearml": "clearml", "dvclive": "dvclive", "swanlab": "swanlab", "trackio": "trackio",
+}
 
 
 def tracker_for(report_to: str) -> Optional[str]:
-    """The Accelerate tracker to log to: TensorBoard when asked, or when `auto` and it is installed."""
-    if report_to == "tensorboard" or (report_to == "auto" and importlib.util.find_spec("tensorboard")):
-        return "tensorboard"
-    return None
+    """The Accelerate tracker `output.report_to` names (`auto`: TensorBoard when it is installed; `none`: no tracker).
+    A named tracker that is not installed is refused: Accelerate would drop it without a word."""
+    if report_to == "none" or (report_to == "auto" and not importlib.util.find_spec("tensorboard")):
+        return None
+    name = "tensorboard" if report_to == "auto" else report_to
+    if name not in {str(tracker) for tracker in get_available_trackers()}:
+        package = TRACKER_PACKAGES[name]
+        raise RecipeError("output.report_to", [f"{name}: the tracker is not installed here (pip install {package}), or set it to none"])
+    return name
 
 
 class RunReporter:
