@@ -7,10 +7,13 @@ arguments, so calling scikit-learn directly gives the same numbers with no netwo
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
-from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support, precision_score, recall_score
+
+from launcher.curves import NO_MATPLOTLIB, new_figure
 
 MetricFn = Callable[[np.ndarray, np.ndarray], float]
 
@@ -28,3 +31,72 @@ METRICS: dict[str, MetricFn] = {
 def compute_metrics(names: Sequence[str], predictions: np.ndarray, references: np.ndarray) -> dict[str, float]:
     """Each named metric of `predictions` against `references` (class ids)."""
     return {name: float(METRICS[name](references, predictions)) for name in names}
+
+
+def predicted_class_counts(predictions: np.ndarray, label_names: Sequence[str]) -> dict[str, int]:
+    """How many predictions went to each class, every class listed: a model that collapsed to one class shows it."""
+    return dict(zip(label_names, np.bincount(predictions, minlength=len(label_names)).tolist()))
+
+
+def per_class_report(predictions: np.ndarray, references: np.ndarray, label_names: Sequence[str]) -> dict[str, Any]:
+    """Per class (in id order) precision, recall, f1 and support (its examples), the confusion matrix as nested lists
+    (`confusion[true][predicted]`, scikit-learn's layout) and the predicted-class counts. JSON-ready."""
+    ids = list(range(len(label_names)))
+    scores = precision_recall_fscore_support(references, predictions, labels=ids, zero_division=0)
+    return {
+        "classes": {
+            name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(n)}
+            for name, p, r, f, n in zip(label_names, *scores)
+        },
+        "confusion": confusion_matrix(references, predictions, labels=ids).tolist(),
+        "predicted": predicted_class_counts(predictions, label_names),
+    }
+
+
+def collapse_note(predicted: dict[str, int]) -> Optional[str]:
+    """A warning line when every prediction went to one class, else None."""
+    used = [name for name, count in predicted.items() if count]
+    if len(used) == 1 and len(predicted) > 1:
+        return f"warning: all {predicted[used[0]]} predictions are {used[0]!r}: the model predicts one class only"
+    return None
+
+
+CONFUSION_CORNER = "true \\ predicted"
+
+
+def per_class_table(report: dict[str, Any]) -> str:
+    """The report as text for the log: one row per class with its predicted count, then the confusion matrix."""
+    names = list(report["classes"])
+    width = max(len(CONFUSION_CORNER), *(len(n) for n in names))
+    lines = [f"{'class':<{width}} {'precision':>9} {'recall':>9} {'f1':>9} {'support':>9} {'predicted':>9}"]
+    for name, row in report["classes"].items():
+        lines.append(f"{name:<{width}} {row['precision']:>9.3f} {row['recall']:>9.3f} {row['f1']:>9.3f} "
+                     f"{row['support']:>9d} {report['predicted'][name]:>9d}")
+    cell = max(9, *(len(n) for n in names))
+    lines.append(f"{CONFUSION_CORNER:<{width}} " + " ".join(f"{n:>{cell}}" for n in names))
+    lines += [f"{name:<{width}} " + " ".join(f"{count:>{cell}d}" for count in row) for name, row in zip(names, report["confusion"])]
+    note = collapse_note(report["predicted"])
+    return "\n".join(lines + ([note] if note else [])) + "\n"
+
+
+def write_confusion_png(matrix: Sequence[Sequence[int]], names: Sequence[str], path: str | Path) -> Optional[Path]:
+    """The confusion matrix as a heat map with the count in every cell (rows: true class, columns: predicted);
+    `path`, or None after a one-line note when matplotlib is missing."""
+    side = 1.2 + 0.6 * len(names)
+    figure = new_figure(figsize=(side + 1.5, side))
+    if figure is None:
+        print(f"note: {Path(path).name} not drawn: {NO_MATPLOTLIB}")
+        return None
+    counts = np.asarray(matrix)
+    axes = figure.subplots()
+    image = axes.imshow(counts, cmap="Blues")
+    figure.colorbar(image, ax=axes)
+    axes.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    axes.set_yticks(range(len(names)), names)
+    axes.set_xlabel("predicted")
+    axes.set_ylabel("true")
+    for (row, column), count in np.ndenumerate(counts):
+        dark = count > counts.max() / 2
+        axes.text(column, row, str(count), ha="center", va="center", color="white" if dark else "black", fontsize=9)
+    figure.savefig(path, dpi=110)
+    return Path(path)

@@ -5,7 +5,7 @@ their definitions (GLUE MRPC: accuracy = mean(pred == label), f1 = binary F1 of 
 import numpy as np
 import pytest
 
-from launcher.metrics import METRICS, compute_metrics
+from launcher.metrics import METRICS, compute_metrics, per_class_report, per_class_table, predicted_class_counts, write_confusion_png
 
 REFS = np.array([0, 1, 1, 0, 1, 1, 0, 0])
 PREDS = np.array([0, 1, 0, 0, 1, 1, 1, 0])
@@ -54,3 +54,52 @@ def test_every_schema_metric_is_implemented():
     from launcher.recipe import MetricName
 
     assert set(get_args(MetricName)) == set(METRICS)
+
+
+THREE_CLASS_REFS = np.array([0, 0, 1, 1, 2, 2])
+THREE_CLASS_PREDS = np.array([0, 1, 1, 1, 2, 0])
+
+
+def test_per_class_report_by_hand():
+    """The same three classes as the macro test above, class by class; rows of the confusion matrix are true classes."""
+    report = per_class_report(THREE_CLASS_PREDS, THREE_CLASS_REFS, ["neg", "neutral", "pos"])
+    expected = {
+        "neg": {"precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 2},
+        "neutral": {"precision": 2 / 3, "recall": 1.0, "f1": 0.8, "support": 2},
+        "pos": {"precision": 1.0, "recall": 0.5, "f1": 2 / 3, "support": 2},
+    }
+    assert list(report["classes"]) == list(expected)
+    assert all(report["classes"][name] == pytest.approx(row) for name, row in expected.items())
+    assert report["confusion"] == [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
+    assert report["predicted"] == {"neg": 2, "neutral": 3, "pos": 1}
+    macro = compute_metrics(["f1_macro"], THREE_CLASS_PREDS, THREE_CLASS_REFS)["f1_macro"]
+    assert macro == pytest.approx(np.mean([row["f1"] for row in report["classes"].values()]))
+
+
+def test_classes_absent_from_the_eval_set_are_listed_with_zeros():
+    report = per_class_report(np.array([0, 0, 1]), np.array([0, 1, 1]), ["a", "b", "c"])
+    assert report["classes"]["c"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
+    assert report["confusion"][2] == [0, 0, 0] and report["predicted"] == {"a": 2, "b": 1, "c": 0}
+    assert predicted_class_counts(np.array([2, 2]), ["a", "b", "c"]) == {"a": 0, "b": 0, "c": 2}
+
+
+def test_per_class_table_shows_counts_confusion_and_a_collapse():
+    table = per_class_table(per_class_report(THREE_CLASS_PREDS, THREE_CLASS_REFS, ["neg", "neutral", "pos"]))
+    assert table.splitlines() == [
+        "class            precision    recall        f1   support predicted",
+        "neg                  0.500     0.500     0.500         2         2",
+        "neutral              0.667     1.000     0.800         2         3",
+        "pos                  1.000     0.500     0.667         2         1",
+        "true \\ predicted       neg   neutral       pos",
+        "neg                      1         1         0",
+        "neutral                  0         2         0",
+        "pos                      1         0         1",
+    ]
+    collapsed = per_class_table(per_class_report(np.zeros(6, int), np.array([0, 0, 1, 1, 0, 1]), ["negative", "positive"]))
+    assert collapsed.splitlines()[-1] == "warning: all 6 predictions are 'negative': the model predicts one class only"
+
+
+def test_confusion_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    path = write_confusion_png([[3, 1], [0, 4]], ["negative", "positive"], tmp_path / "confusion.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
