@@ -176,10 +176,7 @@ class Checkpointer:
 
     def complete(self) -> list[Path]:
         """Sealed checkpoints, oldest first."""
-        if not self.root.is_dir():
-            return []
-        found = [p for p in self.root.iterdir() if NAME_PATTERN.match(p.name) and (p / MANIFEST).is_file()]
-        return sorted(found, key=lambda p: p.name)
+        return sealed_checkpoints(self.root)
 
     def latest(self) -> Optional[Path]:
         done = self.complete()
@@ -206,6 +203,24 @@ class Checkpointer:
                 raise CheckpointError(f"{path}: contents differ from the manifest (truncated or corrupted)")
         return manifest
 
+    def verify_or_advise(self, folder: Path) -> dict[str, Any]:
+        """`verify`; when `folder` fails its check, the error also names the way back (`fallback_advice`)."""
+        try:
+            return self.verify(folder)
+        except CheckpointError as err:
+            raise CheckpointError(f"{err}. {self.fallback_advice(folder)}") from err
+
+    def fallback_advice(self, broken: Path) -> str:
+        """The newest sealed checkpoint older than `broken`, beside it, that passes its check, and the override
+        that resumes from it."""
+        for older in reversed([p for p in sealed_checkpoints(broken.parent) if p.name < broken.name]):
+            try:
+                self.verify(older)
+            except CheckpointError:
+                continue
+            return f"The newest older checkpoint that passes its check is {older}: resume from it with output.resume_from={older}"
+        return f"No older checkpoint in {broken.parent} passes its check: start again without output.resume_from"
+
     def check_identity(self, folder: Path, manifest: dict[str, Any]) -> None:
         """Refuse a resume that would quietly be a different run (other global batch, world size or schedule)."""
         saved = manifest["identity"]
@@ -219,7 +234,7 @@ class Checkpointer:
 
     def load(self, folder: Path, position: TrainPosition, allow_changed: bool) -> None:
         """Restore everything `save` wrote into the prepared objects, the random generators and `position`."""
-        manifest = self.verify(folder)
+        manifest = self.verify_or_advise(folder)
         if not allow_changed:
             self.check_identity(folder, manifest)
         self.accelerator.load_state(str(folder))
@@ -235,6 +250,13 @@ class Checkpointer:
             warnings.warn(f"{path} is missing (changed world size?); this rank keeps its freshly seeded generators")
             return
         restore_rng(torch.load(path, weights_only=False), self.accelerator.device.type, path)
+
+
+def sealed_checkpoints(root: Path) -> list[Path]:
+    """The checkpoint folders in `root` that hold a manifest, oldest first."""
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.iterdir() if NAME_PATTERN.match(p.name) and (p / MANIFEST).is_file()), key=lambda p: p.name)
 
 
 def attempt(action: Callable[[], None]) -> Optional[Exception]:

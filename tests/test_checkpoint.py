@@ -86,6 +86,26 @@ def test_damaged_checkpoint_fails_naming_the_file(stopped_run, capsys, file_name
     assert run_in_process(recipe, "output.resume_from=auto") == 1
     error = capsys.readouterr().err
     assert f"step-00000004/{file_name}" in error and ("corrupted" in error or "truncated" in error), error
+    older = checkpoints / "step-00000003"
+    assert f"The newest older checkpoint that passes its check is {older}: resume from it with output.resume_from={older}\n" in error
+
+
+def test_the_advised_older_checkpoint_resumes(stopped_run, capsys):
+    recipe, checkpoints = stopped_run
+    flip_byte(checkpoints / "step-00000004" / "model.safetensors")
+    assert run_in_process(recipe, "output.resume_from=auto") == 1
+    advised = capsys.readouterr().err.rsplit("resume from it with ", 1)[1].strip()
+    assert advised == f"output.resume_from={checkpoints / 'step-00000003'}"
+    assert run_in_process(recipe, advised) == 0
+    assert "resumed at optimizer step 3" in capsys.readouterr().out
+
+
+def test_no_older_checkpoint_passing_its_check_is_said(stopped_run, capsys):
+    recipe, checkpoints = stopped_run
+    for name in ("step-00000003", "step-00000004"):
+        flip_byte(checkpoints / name / "optimizer.bin")
+    assert run_in_process(recipe, "output.resume_from=auto") == 1
+    assert f"No older checkpoint in {checkpoints} passes its check: start again without output.resume_from" in capsys.readouterr().err
 
 
 def test_missing_random_state_is_a_hard_error(stopped_run, capsys):
