@@ -51,8 +51,9 @@ class Splits:
     eval_origin: str
 
 
-def load_splits(data: DataSection) -> Splits:
-    """Load train and eval as the recipe says: source, eval split or carved fraction, seeded subsets."""
+def load_splits(data: DataSection, columns: list[str]) -> Splits:
+    """Load train and eval as the recipe says (source, eval split or carved fraction, seeded subsets), checking both
+    hold the `columns` the task reads."""
     if data.train_file is not None:
         train = load_file(data.train_file)
         train_origin = data.train_file
@@ -71,7 +72,7 @@ def load_splits(data: DataSection) -> Splits:
     if evaluation is not None:
         evaluation = seeded_subset(evaluation, data.eval_samples, data.subset_seed, eval_origin)
     splits = Splits(train, evaluation, train_origin, eval_origin)
-    check_columns(splits, data)
+    check_columns(splits, columns)
     return splits
 
 
@@ -123,8 +124,12 @@ def seeded_subset(dataset: datasets.Dataset, size: Optional[int], seed: int, ori
     return dataset.shuffle(seed=seed).select(range(size))
 
 
-def check_columns(splits: Splits, data: DataSection) -> None:
-    wanted = [data.text_field, data.label_field] + ([data.text_pair_field] if data.text_pair_field else [])
+def labelled_text_columns(data: DataSection) -> list[str]:
+    """The columns of a labelled-text dataset: text (and its pair) and label."""
+    return [data.text_field, data.label_field] + ([data.text_pair_field] if data.text_pair_field else [])
+
+
+def check_columns(splits: Splits, wanted: list[str]) -> None:
     for dataset, origin in ((splits.train, splits.train_origin), (splits.eval, splits.eval_origin)):
         if dataset is None:
             continue
@@ -135,8 +140,9 @@ def check_columns(splits: Splits, data: DataSection) -> None:
             raise DataError(f"{origin}: missing column(s) {missing}; it has {dataset.column_names}")
 
 
-def resolve_labels(splits: Splits, data: DataSection, num_labels: int) -> LabelSpace:
-    """Work out the class names; string labels get ids (stored in `id2label`), integer ids are range-checked."""
+def resolve_labels(splits: Splits, data: DataSection, num_labels: Optional[int]) -> LabelSpace:
+    """Work out the class names; string labels get ids (stored in `id2label`), integer ids are range-checked.
+    `num_labels` is what the recipe says there are (None: as many as the data names)."""
     feature = splits.train.features[data.label_field]
     if isinstance(feature, datasets.ClassLabel):
         names = data.label_names or feature.names
@@ -149,13 +155,16 @@ def resolve_labels(splits: Splits, data: DataSection, num_labels: int) -> LabelS
             if unknown:
                 raise DataError(f"{origin}: column {data.label_field!r} has labels {unknown} not in data.label_names")
     elif feature.dtype.startswith("int"):
+        if data.label_names is None and num_labels is None:
+            raise DataError(f"{splits.train_origin}: column {data.label_field!r} holds integer ids; name the classes "
+                            "in id order with task.label_words (or data.label_names)")
         names = data.label_names or [f"LABEL_{i}" for i in range(num_labels)]
     else:
         raise DataError(f"{splits.train_origin}: column {data.label_field!r} holds {feature.dtype}; labels must be integers or strings")
-    if len(names) != num_labels:
+    if num_labels is not None and len(names) != num_labels:
         raise DataError(
             f"{splits.train_origin}: column {data.label_field!r} has {len(names)} classes {names[:10]} "
-            f"but task.num_labels is {num_labels}"
+            f"but the recipe gives {num_labels} (task.num_labels or task.label_words)"
         )
     return LabelSpace(list(names))
 
@@ -297,10 +306,8 @@ def example_token_ids(batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
     return list(batch["input_ids"][0].tensor_split(starts[1:]))
 
 
-def build_dataloaders(tokenized: Splits, recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> tuple[DataLoader, Optional[DataLoader]]:
-    """Train and eval loaders; under `data.padding: packed` only training batches are packed (evaluation pads)."""
-    collator = build_collator(tokenizer, recipe)
-    train_collator = PackedCollator(tokenizer.pad_token_id) if recipe.data.padding == "packed" else collator
+def build_dataloaders(tokenized: Splits, recipe: Recipe, train_collator, eval_collator) -> tuple[DataLoader, Optional[DataLoader]]:
+    """Train and eval loaders with the task's collators; training batches come from `EpochShuffleSampler`."""
     batch_size = recipe.training.per_device_batch_size
     lengths = [len(ids) for ids in tokenized.train["input_ids"]] if recipe.data.group_by_length else None
     sampler = EpochShuffleSampler(len(tokenized.train), recipe.training.seed, batch_size, lengths)
@@ -310,6 +317,6 @@ def build_dataloaders(tokenized: Splits, recipe: Recipe, tokenizer: PreTrainedTo
     eval_loader = None
     if tokenized.eval is not None:
         eval_loader = DataLoader(
-            tokenized.eval, batch_size=recipe.eval_batch_size, shuffle=False, collate_fn=collator, num_workers=recipe.data.num_workers
+            tokenized.eval, batch_size=recipe.eval_batch_size, shuffle=False, collate_fn=eval_collator, num_workers=recipe.data.num_workers
         )
     return train_loader, eval_loader

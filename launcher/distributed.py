@@ -52,8 +52,10 @@ def build_accelerator(recipe: Recipe, precision: Precision, device: DeviceInfo) 
     run_dir = Path(recipe.output.dir)
     accelerator = Accelerator(
         mixed_precision="no" if precision == "fp32" else precision,
+        # The trainer fetches each optimizer step's micro-batches together and marks where the window ends
+        # (`Trainer.forward_backward`), including the short last window of an epoch.
         gradient_accumulation_plugin=GradientAccumulationPlugin(
-            num_steps=recipe.training.gradient_accumulation_steps, sync_with_dataloader=True
+            num_steps=recipe.training.gradient_accumulation_steps, sync_with_dataloader=False
         ),
         kwargs_handlers=handlers,
         log_with=tracker_for(recipe.output.report_to),

@@ -19,11 +19,12 @@ from typing import Literal, Optional
 import torch
 from accelerate.commands.config.config_args import ClusterConfig
 from accelerate.utils import DistributedType
-from transformers import AutoConfig, AutoModelForSequenceClassification, BertConfig, LlamaConfig, PretrainedConfig
+from transformers import AutoConfig, BertConfig, LlamaConfig, PretrainedConfig
 
 from launcher.distributed import LaunchError, launched_world_size
 from launcher.modeling import apply_lora, count_parameters
 from launcher.recipe import Recipe
+from launcher.tasks import TASKS
 
 GIB = 1024**3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -80,6 +81,7 @@ class ModelSize:
     layers: int
     heads: int
     source: str
+    vocab_size: int
 
 
 @dataclass
@@ -148,17 +150,19 @@ def model_config(name_or_path: str) -> tuple[PretrainedConfig, str]:
 def measure_model(recipe: Recipe) -> ModelSize:
     """Build the recipe's classifier (and LoRA) on the meta device and count its parameters exactly."""
     config, source = model_config(recipe.model.name_or_path)
-    config.num_labels = recipe.task.num_labels
+    if recipe.task.type == "sequence_classification":
+        config.num_labels = recipe.task.num_labels
     with torch.device("meta"):
-        model = AutoModelForSequenceClassification.from_config(config)
+        task = TASKS[recipe.task.type]
+        model = task.model_class.from_config(config)
         if recipe.lora.enabled:
-            model = apply_lora(model, recipe.lora)
+            model = apply_lora(model, recipe.lora, task.peft_task_type)
     trainable, total = count_parameters(model)
     layer_classes = set(getattr(model, "_no_split_modules", None) or [])
     layers = [sum(p.numel() for p in m.parameters()) for m in model.modules() if type(m).__name__ in layer_classes]
     largest = max(layers + [p.numel() for p in model.parameters()])
     return ModelSize(total, trainable, largest, config.hidden_size, config.num_hidden_layers,
-                     config.num_attention_heads, source)
+                     config.num_attention_heads, source, config.vocab_size)
 
 
 def estimate_memory(size: ModelSize, topology: Topology, recipe: Recipe) -> MemoryEstimate:
@@ -167,6 +171,8 @@ def estimate_memory(size: ModelSize, topology: Topology, recipe: Recipe) -> Memo
     else:
         estimate = torch_states(size, topology, DTYPE_BYTES[recipe.model.load_dtype])
     estimate.device_bytes["activations"] = activation_bytes(size, recipe)
+    if recipe.task.type == "causal_lm":
+        estimate.device_bytes["LM-head logits of the trained tokens"] = logits_bytes(size, recipe)
     estimate.device_bytes["runtime overhead"] = RUNTIME_OVERHEAD_BYTES
     return estimate
 
@@ -233,6 +239,16 @@ def activation_bytes(size: ModelSize, recipe: Recipe) -> float:
     if recipe.model.gradient_checkpointing:
         return (size.layers * 2 * s * b * h) * scale + layer
     return size.layers * layer
+
+
+def logits_bytes(size: ModelSize, recipe: Recipe) -> float:
+    """SFT logits: the LM head runs on the trained tokens only (at most batch x max_length of them), each a row of
+    vocab logits kept in the compute dtype for backward, upcast to fp32 for the loss, and its fp32 gradient:
+    2 + 4 + 4 bytes per logit under mixed precision, 4 + 4 + 4 in fp32. For Llama 3 (128k vocab) at batch 4 x
+    512 tokens that is 2.4 GiB per device, which computing logits for every position would spend on prompts too."""
+    tokens = recipe.training.per_device_batch_size * recipe.data.max_length
+    compute_bytes = 2 if recipe.training.precision in ("bf16", "fp16") else 4
+    return tokens * size.vocab_size * (compute_bytes + 4 + 4)
 
 
 def describe_memory(size: ModelSize, topology: Topology, estimate: MemoryEstimate) -> list[str]:

@@ -1,4 +1,4 @@
-"""Tokenizer and sequence-classification model from the recipe, optional LoRA, and the final export."""
+"""Tokenizer and model from the recipe (of the class its task names), optional LoRA, and the final export."""
 
 from __future__ import annotations
 
@@ -7,17 +7,9 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
-from transformers import (
-    AutoConfig,
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-)
+from transformers import AutoConfig, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.integrations import is_deepspeed_zero3_enabled
 
-from launcher.data import LabelSpace
-from launcher.packing import enable_packed_batches
 from launcher.recipe import LoraSection, ModelSection, Recipe
 
 # Attention projections are where LoRA pays off most per parameter (LoRA paper, section 7.1).
@@ -54,18 +46,16 @@ def lora_targets(lora: LoraSection, model_type: str) -> list[str]:
     return LORA_TARGETS_BY_ARCHITECTURE[model_type]
 
 
-def load_model(recipe: Recipe, labels: LabelSpace, tokenizer: PreTrainedTokenizerBase) -> torch.nn.Module:
-    """`AutoModelForSequenceClassification` with the label names, pad token, LoRA and packed batches the recipe asks for.
+def load_model(recipe: Recipe, task, tokenizer: PreTrainedTokenizerBase) -> torch.nn.Module:
+    """The task's model class (`launcher.tasks`) with its arguments, the pad token, LoRA and the task's batches.
 
     Under a ZeRO-3 Accelerator (built before this is called) `from_pretrained` loads inside `deepspeed.zero.Init`:
     each process materialises only its shard of the weights, never a full copy.
     """
     spec = recipe.model
-    model = AutoModelForSequenceClassification.from_pretrained(
+    model = task.model_class.from_pretrained(
         spec.name_or_path,
-        num_labels=recipe.task.num_labels,
-        id2label=labels.id2label,
-        label2id=labels.label2id,
+        **task.model_kwargs(),
         dtype=TORCH_DTYPES[spec.load_dtype],
         attn_implementation=spec.attn_implementation,
         trust_remote_code=spec.trust_remote_code,
@@ -77,11 +67,10 @@ def load_model(recipe: Recipe, labels: LabelSpace, tokenizer: PreTrainedTokenize
     if spec.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if recipe.lora.enabled:
-        model = apply_lora(model, recipe.lora)
+        model = apply_lora(model, recipe.lora, task.peft_task_type)
         if is_deepspeed_zero3_enabled():
             match_adapter_dtype(model)
-    if recipe.data.padding == "packed":
-        enable_packed_batches(model)
+    task.adapt_model(model)
     return model
 
 
@@ -111,10 +100,10 @@ def match_adapter_dtype(model: PeftModel) -> None:
                 parameter.data = parameter.data.to(frozen[0])
 
 
-def apply_lora(model: torch.nn.Module, lora: LoraSection) -> PeftModel:
-    """peft LoRA for sequence classification: the head (`classifier` / `score`) is trained in full and saved."""
+def apply_lora(model: torch.nn.Module, lora: LoraSection, task_type: TaskType) -> PeftModel:
+    """peft LoRA; for sequence classification peft also trains and saves the new head (`classifier` / `score`)."""
     config = LoraConfig(
-        task_type=TaskType.SEQ_CLS,
+        task_type=task_type,
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,

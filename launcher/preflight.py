@@ -4,15 +4,17 @@ precision and topology, so a user sees what will happen before paying for it."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
-from launcher.data import DataError, load_splits, resolve_labels
+from launcher.data import DataError, load_splits
 from launcher.devices import DeviceInfo, precision_note, supports
 from launcher.memory_plan import MemoryPlanError, Topology, describe_memory, estimate_memory, fits, measure_model
-from launcher.modeling import check_lora_architecture
+from launcher.modeling import check_lora_architecture, load_tokenizer
 from launcher.optimization import steps_per_epoch, total_optimizer_steps, warmup_steps
 from launcher.packing import check_packing
 from launcher.recipe import Recipe
+from launcher.tasks import TASKS, build_task
 
 
 @dataclass
@@ -49,10 +51,9 @@ class RunPlan:
         unknown = "unknown until the data loads"
         total = self.total_steps
         lora = f"LoRA r={r.lora.r} alpha={r.lora.alpha}" if r.lora.enabled else "full fine-tune"
-        task = "sentence pairs" if r.data.is_pair_task else "single text"
         rows = [
             ("model", f"{r.model.name_or_path} ({lora}, weights in {r.model.load_dtype})"),
-            ("task", f"{r.task.num_labels}-class {task}, metrics {', '.join(r.evaluation.metrics)}"),
+            ("task", f"{describe_task(r)}, metrics {', '.join(['loss', *r.metric_names])}"),
             ("data", f"train {self.train_examples or unknown} / eval {self.eval_examples if self.eval_examples is not None else 'none'}"
                      f", max_length {r.data.max_length}, padding {r.data.padding}"),
             ("global batch", f"{self.global_batch} = {t.per_device_batch_size} per device x {t.gradient_accumulation_steps} "
@@ -72,6 +73,14 @@ class RunPlan:
         return "\n".join(lines)
 
 
+def describe_task(recipe: Recipe) -> str:
+    task, texts = recipe.task, "sentence pairs" if recipe.data.is_pair_task else "single text"
+    if task.type == "sequence_classification":
+        return f"{task.num_labels}-class {texts}"
+    trained = {"chat": "assistant turns", "prompt_completion": "completions", "labelled": "answers"}[task.format]
+    return f"causal LM SFT, format {task.format} (loss on the {trained} only)"
+
+
 def check_recipe(recipe: Recipe, topology: Topology, device: DeviceInfo) -> tuple[RunPlan, list[str]]:
     """Everything that can be checked without weights or a process group: data (local files must load),
     labels, LoRA targets, precision support, per-device memory on the topology. Returns the plan and the
@@ -79,11 +88,9 @@ def check_recipe(recipe: Recipe, topology: Topology, device: DeviceInfo) -> tupl
     problems: list[str] = check_lora_architecture(recipe) + check_packing(recipe)
     plan = RunPlan(recipe, topology.processes, device.type, topology.describe(), recipe.training.precision, None, None)
     problems += plan_memory(plan, topology)
+    problems += check_model_source(recipe.model.name_or_path)
     try:
-        splits = load_splits(recipe.data)
-        resolve_labels(splits, recipe.data, recipe.task.num_labels)
-        plan.train_examples = len(splits.train)
-        plan.eval_examples = len(splits.eval) if splits.eval is not None else None
+        check_data(recipe, plan)
     except DataError as err:
         if recipe.data.train_file is not None:
             problems.append(str(err))
@@ -96,6 +103,39 @@ def check_recipe(recipe: Recipe, topology: Topology, device: DeviceInfo) -> tupl
                           "it runs where it is (e.g. the GPU nodes)")
     plan.notes += filter(None, [precision_note(device, recipe.training.precision)])
     return plan, problems
+
+
+def looks_local(name_or_path: str) -> bool:
+    """A path rather than a hub id: absolute, relative to here or home, or under a folder that exists here."""
+    return name_or_path.startswith(("/", ".", "~")) or Path(name_or_path.split("/")[0]).is_dir()
+
+
+def check_model_source(name_or_path: str) -> list[str]:
+    """A local model folder must exist and hold a config.json (a hub id is checked where the hub is reachable)."""
+    if not looks_local(name_or_path):
+        return []
+    folder = Path(name_or_path).expanduser()
+    if not folder.is_dir():
+        return [f"model.name_or_path: {folder} is not a folder (relative paths are taken from {Path.cwd()})"]
+    if not (folder / "config.json").is_file():
+        return [f"model.name_or_path: {folder} holds no config.json; it is not a saved model"]
+    return []
+
+
+def check_data(recipe: Recipe, plan: RunPlan) -> None:
+    """Load the data and, when the tokenizer is at hand, prepare it exactly as the run will (labels, rendering,
+    truncation); what the task found goes into the plan."""
+    try:
+        tokenizer = load_tokenizer(recipe.model)
+    except (OSError, ValueError) as err:
+        splits = load_splits(recipe.data, TASKS[recipe.task.type].columns(recipe))
+        plan.notes.append(f"rows not tokenized here: tokenizer not loadable ({str(err).splitlines()[0][:120]})")
+    else:
+        task = build_task(recipe, tokenizer)
+        splits = task.prepare_data(load_splits(recipe.data, task.columns(recipe)))
+        plan.notes += task.notes
+    plan.train_examples = len(splits.train)
+    plan.eval_examples = len(splits.eval) if splits.eval is not None else None
 
 
 def plan_memory(plan: RunPlan, topology: Topology) -> list[str]:

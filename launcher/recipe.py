@@ -7,9 +7,9 @@ types are rejected at every depth; cross-field rules live here, once, not in the
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationInfo, field_validator, model_validator
 
 Precision = Literal["fp32", "bf16", "fp16"]
 MetricName = Literal[
@@ -104,11 +104,89 @@ class DataSection(Section):
         return self.text_pair_field is not None
 
 
-class TaskSection(Section):
+class ClassificationTask(Section):
     type: Literal["sequence_classification"] = "sequence_classification"
-    """What the model predicts. Decoder LLMs (Llama) use a classification head too (`score`), not a causal-LM head."""
+    """What the model learns: `sequence_classification` (a classification head: BERT's `classifier`, a decoder's
+    `score` on the last token; the default) or `causal_lm` (generative fine-tuning of the LM head, SFT)."""
     num_labels: int = Field(ge=2)
     """Number of classes (5 for yelp_review_full, 2 for MRPC)."""
+
+    @property
+    def label_count(self) -> Optional[int]:
+        return self.num_labels
+
+
+CAUSAL_LM_FORMAT_FIELDS = {
+    "chat": ("messages_field", "chat_template"),
+    "prompt_completion": ("prompt_field", "completion_field", "use_chat_template", "chat_template"),
+    "labelled": ("prompt_template", "label_words", "use_chat_template", "chat_template"),
+}
+
+
+class CausalLMTask(Section):
+    type: Literal["causal_lm"]
+    """`causal_lm`: supervised fine-tuning of the model's own LM head (`AutoModelForCausalLM`); the loss is the
+    mean over the trained tokens of each optimizer step, across micro-batches and processes."""
+    format: Literal["chat", "prompt_completion", "labelled"]
+    """How rows become training text. `chat`: a column of messages (`[{role, content}, ...]`) rendered with the chat
+    template, loss on the assistant turns only. `prompt_completion`: two text columns, loss on the completion only.
+    `labelled`: a classification dataset as instructions: `prompt_template` filled with the row's text, the label's
+    word(s) as the answer, loss on the answer; evaluated by scoring every label's words (restricted choice)."""
+    messages_field: str = "messages"
+    """chat: column holding each conversation as a list of `{role, content}` (roles system, user, assistant)."""
+    prompt_field: str = "prompt"
+    """prompt_completion: column holding the prompt (not trained)."""
+    completion_field: str = "completion"
+    """prompt_completion: column holding the completion (trained; the EOS token is appended and trained too)."""
+    prompt_template: Optional[str] = None
+    """labelled: the instruction, with `{text}` (and `{text_pair}` for pair tasks) where the row's text goes."""
+    label_words: Optional[list[str]] = None
+    """labelled: the answer for each class in id order (e.g. `1 star` ... `5 stars`); null uses the label names."""
+    use_chat_template: bool = True
+    """prompt_completion / labelled: render the prompt as a user turn and the answer as the assistant turn with the
+    chat template (what an instruct model expects); false, or no template at all, joins them as plain text."""
+    chat_template: Optional[str] = None
+    """A Jinja chat template for a tokenizer that has none (it is saved with the exported tokenizer)."""
+    on_truncated: Literal["drop", "fail"] = "drop"
+    """An example whose trained part is cut away entirely by `data.max_length`: `drop` it (the plan counts them) or
+    `fail` naming the rows."""
+    generations: int = Field(default=4, ge=0)
+    """Greedy generations from this many eval prompts at each evaluation, written to `generations/step-N.jsonl`."""
+    max_new_tokens: int = Field(default=48, ge=1)
+    """Length limit of those generations."""
+
+    @model_validator(mode="after")
+    def _fields_of_the_format(self) -> "CausalLMTask":
+        foreign = sorted(
+            name for name in self.model_fields_set
+            if any(name in fields for fields in CAUSAL_LM_FORMAT_FIELDS.values())
+            and name not in CAUSAL_LM_FORMAT_FIELDS[self.format]
+        )
+        if foreign:
+            raise ValueError(f"{', '.join(foreign)} do(es) not apply to format {self.format!r}")
+        if self.format == "labelled" and (self.prompt_template is None or "{text}" not in self.prompt_template):
+            raise ValueError("format labelled needs a prompt_template with {text} where the row's text goes")
+        if self.label_words is not None and not all(word.strip() for word in self.label_words):
+            raise ValueError("label_words: every class needs a non-empty answer")
+        return self
+
+    @property
+    def label_count(self) -> Optional[int]:
+        return len(self.label_words) if self.label_words else None
+
+
+def task_type_of(value: Any) -> Any:
+    """The union's tag: `type`, which classification recipes may leave out (it is the default)."""
+    if isinstance(value, dict):
+        return value.get("type", "sequence_classification")
+    return getattr(value, "type", None)
+
+
+TaskSection = Annotated[
+    Union[Annotated[ClassificationTask, Tag("sequence_classification")], Annotated[CausalLMTask, Tag("causal_lm")]],
+    Discriminator(task_type_of),
+]
+TASK_TYPES = {"sequence_classification": ClassificationTask, "causal_lm": CausalLMTask}
 
 
 class TrainingSection(Section):
@@ -163,12 +241,17 @@ class TrainingSection(Section):
 
 
 class EvaluationSection(Section):
-    metrics: list[MetricName] = ["accuracy"]
-    """Metrics computed on the eval set: accuracy, f1/precision/recall (binary, positive label 1), and *_macro."""
+    metrics: Optional[list[MetricName]] = None
+    """Metrics computed on the eval set besides the loss: accuracy, f1/precision/recall (binary, positive label 1),
+    and *_macro. null: accuracy for classification and labelled causal_lm, none for chat / prompt_completion
+    (whose eval loss and perplexity are always reported)."""
     every_steps: Optional[int] = Field(default=None, ge=1)
     """Also evaluate every this many optimizer steps (always at each epoch end)."""
     batch_size: Optional[int] = Field(default=None, ge=1)
     """Per-device eval batch; null uses twice the training per-device batch (no gradients to keep)."""
+    before_training: Optional[bool] = None
+    """Evaluate once before the first step, to see what fine-tuning bought (the zero-shot numbers of an LLM).
+    null: on for causal_lm, off for classification (whose new head is random)."""
 
 
 class LoraSection(Section):
@@ -219,6 +302,7 @@ class Recipe(Section):
     model: ModelSection
     data: DataSection
     task: TaskSection
+    """What the model learns: a `sequence_classification` head or `causal_lm` generation (SFT); see `task.type`."""
     training: TrainingSection = TrainingSection()
     evaluation: EvaluationSection = EvaluationSection()
     lora: LoraSection = LoraSection()
@@ -226,17 +310,41 @@ class Recipe(Section):
 
     @model_validator(mode="after")
     def _cross_section_rules(self) -> "Recipe":
-        binary_only = [m for m in self.evaluation.metrics if m in BINARY_ONLY_METRICS]
-        if binary_only and self.task.num_labels != 2:
-            raise ValueError(
-                f"evaluation.metrics {binary_only} are binary metrics but task.num_labels is "
-                f"{self.task.num_labels}: use {[m + '_macro' for m in binary_only]}"
-            )
-        if self.data.label_names is not None and len(self.data.label_names) != self.task.num_labels:
-            raise ValueError(
-                f"data.label_names has {len(self.data.label_names)} names but task.num_labels is {self.task.num_labels}"
-            )
+        problems = []
+        classifies = self.task.type == "sequence_classification" or self.task.format == "labelled"
+        if not classifies and self.evaluation.metrics:
+            problems.append(f"evaluation.metrics {self.evaluation.metrics} need labels: causal_lm format "
+                            f"{self.task.format!r} reports eval loss and perplexity; use format labelled for accuracy / F1")
+        classes = self.task.label_count or (len(self.data.label_names) if self.data.label_names else None)
+        binary_only = [m for m in self.metric_names if m in BINARY_ONLY_METRICS]
+        if binary_only and classes is not None and classes != 2:
+            problems.append(f"evaluation.metrics {binary_only} are binary metrics but there are {classes} classes: "
+                            f"use {[m + '_macro' for m in binary_only]}")
+        if self.data.label_names is not None and self.task.label_count is not None and len(self.data.label_names) != self.task.label_count:
+            what = "task.num_labels is" if self.task.type == "sequence_classification" else "task.label_words has"
+            problems.append(f"data.label_names has {len(self.data.label_names)} names but {what} {self.task.label_count}")
+        if self.task.type == "causal_lm" and self.task.format != "labelled" and self.data.text_pair_field:
+            problems.append("data.text_pair_field applies to classification and causal_lm format labelled only")
+        if self.task.type == "causal_lm" and self.task.format == "labelled" and self.data.text_pair_field \
+                and "{text_pair}" not in (self.task.prompt_template or ""):
+            problems.append("task.prompt_template needs {text_pair}: data.text_pair_field names a second text")
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
+
+    @property
+    def metric_names(self) -> list[str]:
+        """The metrics to compute: the recipe's, or the task's default."""
+        if self.evaluation.metrics is not None:
+            return list(self.evaluation.metrics)
+        classifies = self.task.type == "sequence_classification" or self.task.format == "labelled"
+        return ["accuracy"] if classifies else []
+
+    @property
+    def evaluates_before_training(self) -> bool:
+        if self.evaluation.before_training is not None:
+            return self.evaluation.before_training
+        return self.task.type == "causal_lm"
 
     @property
     def eval_batch_size(self) -> int:

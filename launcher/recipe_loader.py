@@ -14,7 +14,7 @@ from typing import Any, Iterable
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from launcher.recipe import Recipe
+from launcher.recipe import TASK_TYPES, Recipe
 
 
 class RecipeError(ValueError):
@@ -102,10 +102,12 @@ def describe_validation_errors(err: ValidationError) -> list[str]:
     """One readable line per pydantic error: `key.path: message`, with a did-you-mean for unknown keys."""
     lines = []
     for error in err.errors():
-        loc = tuple(str(part) for part in error["loc"])
+        tagged = tuple(str(part) for part in error["loc"])
+        loc = without_union_tags(tagged)
+        task_type = tagged[1] if loc != tagged else "sequence_classification"
         where = ".".join(loc) or "(top level)"
         if error["type"] == "extra_forbidden":
-            lines.append(f"{where}: unknown key{did_you_mean(loc)}")
+            lines.append(f"{where}: unknown key{did_you_mean(loc, task_type)}")
         elif error["type"] == "missing":
             lines.append(f"{where}: required key is missing")
         else:
@@ -114,9 +116,17 @@ def describe_validation_errors(err: ValidationError) -> list[str]:
     return lines
 
 
-def did_you_mean(loc: tuple[str, ...]) -> str:
+def without_union_tags(loc: tuple[str, ...]) -> tuple[str, ...]:
+    """pydantic puts the chosen member of a tagged union into the error path (`task.causal_lm.format`); a user
+    wrote `task.format`."""
+    if len(loc) >= 2 and loc[0] == "task" and loc[1] in TASK_TYPES:
+        return (loc[0], *loc[2:])
+    return loc
+
+
+def did_you_mean(loc: tuple[str, ...], task_type: str = "sequence_classification") -> str:
     """`; did you mean 'x'?` for the unknown last key of `loc`, or the list of valid keys there."""
-    fields = fields_at(loc[:-1])
+    fields = fields_at(loc[:-1], task_type)
     if not fields:
         return ""
     close = difflib.get_close_matches(loc[-1], fields, n=2, cutoff=0.6)
@@ -125,12 +135,13 @@ def did_you_mean(loc: tuple[str, ...]) -> str:
     return f"; valid keys here: {', '.join(sorted(fields))}"
 
 
-def fields_at(loc: tuple[str, ...]) -> list[str]:
-    """Names of the schema fields of the section at `loc` (empty when `loc` is not a section)."""
+def fields_at(loc: tuple[str, ...], task_type: str = "sequence_classification") -> list[str]:
+    """Names of the schema fields of the section at `loc` (empty when `loc` is not a section); the task section's
+    are those of `task_type`."""
     model: type[BaseModel] = Recipe
     for key in loc:
         field = model.model_fields.get(key)
-        annotation = getattr(field, "annotation", None)
+        annotation = TASK_TYPES[task_type] if model is Recipe and key == "task" else getattr(field, "annotation", None)
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
             return []
         model = annotation

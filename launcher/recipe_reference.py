@@ -14,7 +14,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from launcher.recipe import Recipe
+from launcher.recipe import TASK_TYPES, Recipe
 
 BEGIN, END = "<!-- recipe-reference:begin -->", "<!-- recipe-reference:end -->"
 
@@ -41,19 +41,27 @@ def default_text(field: Any) -> str:
     return f"`{json.dumps(value)}`" if not isinstance(value, dict) else "(section defaults)"
 
 
+def section_table(title: str, model: type[BaseModel]) -> list[str]:
+    lines = ["", title, "", "| key | type | default | meaning |", "|---|---|---|---|"]
+    for name, sub in model.model_fields.items():
+        doc = " ".join((sub.description or "").split()).replace("|", "\\|")
+        kind = type_name(sub.annotation).replace("|", "\\|")
+        lines.append(f"| `{name}` | {kind} | {default_text(sub).replace('|', chr(92) + '|')} | {doc} |")
+    return lines
+
+
 def render() -> str:
     lines = [BEGIN]
     for section, field in Recipe.model_fields.items():
         annotation = field.annotation
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
-            lines += ["", f"`{section}` ({type_name(annotation)}, default {default_text(field)}): {field.description}"]
-            continue
         required = " (required section)" if field.default is PydanticUndefined else ""
-        lines += ["", f"#### `{section}`{required}", "", "| key | type | default | meaning |", "|---|---|---|---|"]
-        for name, sub in annotation.model_fields.items():
-            doc = " ".join((sub.description or "").split()).replace("|", "\\|")
-            kind = type_name(sub.annotation).replace("|", "\\|")
-            lines.append(f"| `{name}` | {kind} | {default_text(sub).replace('|', chr(92) + '|')} | {doc} |")
+        if section == "task":  # a tagged union: one table per task type, each with only its own keys
+            for tag, model in TASK_TYPES.items():
+                lines += section_table(f"#### `task` with `type: {tag}`{required}", model)
+        elif isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            lines += section_table(f"#### `{section}`{required}", annotation)
+        else:
+            lines += ["", f"`{section}` ({type_name(annotation)}, default {default_text(field)}): {field.description}"]
     lines.append(END)
     return "\n".join(lines)
 

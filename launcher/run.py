@@ -27,7 +27,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from launcher.checkpointing import CheckpointError, Checkpointer, TrainPosition
-from launcher.data import DataError, build_dataloaders, load_splits, resolve_labels, tokenize_splits
+from launcher.data import DataError, build_dataloaders, load_splits
 from launcher.devices import PrecisionError, detect_device, precision_note, resolve_precision
 from launcher.distributed import LaunchError, build_accelerator, optimizer_step_device
 from launcher.host_memory import keep_freed_host_memory
@@ -45,6 +45,7 @@ from launcher.run_directory import (
     write_run_summary,
 )
 from launcher.stopping import EXIT_STOPPED_FOR_RESUME, StopRequest
+from launcher.tasks import build_task
 from launcher.training import CollectiveError, NonFiniteLossError, Trainer
 
 USER_ERRORS = (RecipeError, DataError, PrecisionError, LaunchError, RunDirectoryError, CheckpointError, NonFiniteLossError,
@@ -115,12 +116,11 @@ def setup(recipe: Recipe) -> Session:
     set_seed(recipe.training.seed)
 
     tokenizer = load_tokenizer(recipe.model)
+    task = build_task(recipe, tokenizer)
     with accelerator.main_process_first():
-        splits = load_splits(recipe.data)
-        labels = resolve_labels(splits, recipe.data, recipe.task.num_labels)
-        tokenized = tokenize_splits(splits, recipe.data, labels, tokenizer)
-    train_loader, eval_loader = build_dataloaders(tokenized, recipe, tokenizer)
-    model = load_model(recipe, labels, tokenizer)
+        tokenized = task.prepare_data(load_splits(recipe.data, task.columns(recipe)))
+    train_loader, eval_loader = build_dataloaders(tokenized, recipe, *task.collators())
+    model = load_model(recipe, task, tokenizer)
     if recipe.training.compile:
         model.compile()  # in place: parameter names and state_dict keys stay those of the plain model
     optimizer = build_optimizer(model, recipe.training, optimizer_step_device(accelerator, device.type))
@@ -148,13 +148,13 @@ def setup(recipe: Recipe) -> Session:
     plan = RunPlan(recipe, accelerator.num_processes, device.type, str(accelerator.distributed_type), precision,
                    len(tokenized.train), len(tokenized.eval) if tokenized.eval is not None else None)
     trainable, total = count_parameters(model)
-    plan.notes += [f"parameters: {trainable:,} trainable of {total:,}", host_memory]
+    plan.notes += [f"parameters: {trainable:,} trainable of {total:,}", host_memory, *task.notes]
     plan.notes += filter(None, [precision_note(device, precision)])
     if position.optimizer_step:
         plan.notes.append(f"resumed at optimizer step {position.optimizer_step} (epoch {position.epoch}, batch {position.batches_in_epoch})")
     accelerator.print(plan.describe())
 
-    trainer = Trainer(recipe, accelerator, model, optimizer, scheduler, train_loader, eval_loader,
+    trainer = Trainer(recipe, accelerator, task, model, optimizer, scheduler, train_loader, eval_loader,
                       checkpointer, position, total_steps, stop_request)
     return Session(recipe, accelerator, trainer, tokenizer, started)
 

@@ -1,5 +1,12 @@
-"""The training loop: plain PyTorch under Accelerate, `train()` delegating to `train_step`, `evaluate`
-and `save_checkpoint`."""
+"""The training loop: plain PyTorch under Accelerate, `train()` delegating to `optimizer_step`, `evaluate`
+and `save_checkpoint`. What is learned (model outputs, loss, metrics) is the task's (`launcher.tasks`).
+
+The loss of an optimizer step is the mean over all loss items of the step (examples, or trained tokens), across
+its micro-batches and processes, not a mean of per-micro-batch means: with tokens, micro-batches hold different
+numbers of them, and averaging their means would weigh a token of a short batch more (transformers' own
+gradient-accumulation bug, fixed in transformers PR 34191). The window's micro-batches are fetched first, their
+items counted and summed over the processes, and each micro-batch's mean loss is weighted by its share.
+"""
 
 from __future__ import annotations
 
@@ -10,11 +17,9 @@ import traceback
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 from torch.utils.data import DataLoader
@@ -22,10 +27,10 @@ from torch.utils.data import DataLoader
 from launcher.checkpointing import Checkpointer, TrainPosition
 from launcher.data import example_token_ids
 from launcher.devices import peak_allocated_bytes
-from launcher.metrics import compute_metrics
 from launcher.recipe import Recipe
 from launcher.reporting import RunReporter
 from launcher.stopping import StopRequest
+from launcher.tasks.base import Batch, Task
 
 
 class NonFiniteLossError(RuntimeError):
@@ -62,6 +67,7 @@ class Trainer:
         self,
         recipe: Recipe,
         accelerator: Accelerator,
+        task: Task,
         model: torch.nn.Module,
         optimizer: torch.optim.Optimizer,
         scheduler: torch.optim.lr_scheduler.LRScheduler,
@@ -74,6 +80,7 @@ class Trainer:
     ):
         self.recipe = recipe
         self.accelerator = accelerator
+        self.task = task
         self.model = model
         self.optimizer = optimizer
         self.scheduler = scheduler
@@ -93,6 +100,8 @@ class Trainer:
         """Train to the end of the schedule; returns False when stopped early by a signal (after checkpointing)."""
         self.reporter = RunReporter(self.accelerator, self.recipe.output.dir, self.total_steps, self.position.optimizer_step)
         try:
+            if self.recipe.evaluates_before_training and self.position.optimizer_step == 0:
+                self.evaluate()
             while self.position.optimizer_step < self.total_steps:
                 if not self.train_epoch():
                     return False
@@ -114,17 +123,9 @@ class Trainer:
         """One (possibly resumed) pass over the training data; False when a stop was requested."""
         self.model.train()
         self.train_loader.set_epoch(self.position.epoch)
-        batches = self.epoch_batches()
-        # Per rank, over one accumulation window: loss sum, samples, real tokens, padded tokens.
-        window = torch.zeros(4, dtype=torch.float64, device=self.accelerator.device)
-        window_start = time.perf_counter()
-        for batch in batches:
-            window += self.forward_backward(batch)
-            self.position.batches_in_epoch += 1
-            if not self.accelerator.sync_gradients:
-                continue
-            result = self.optimizer_step(window, window_start)
-            window.zero_()
+        window_start = time.perf_counter()  # the step's time includes fetching its batches
+        for window in self.accumulation_windows(self.epoch_batches()):
+            result = self.optimizer_step(self.forward_backward(window), window_start)
             window_start = time.perf_counter()
             self.after_step(result)
             if self.position.optimizer_step >= self.total_steps:
@@ -134,6 +135,13 @@ class Trainer:
                 return False
         self.end_epoch()
         return True
+
+    def accumulation_windows(self, batches) -> Iterator[list[Batch]]:
+        """The micro-batches of each optimizer step, fetched together (the last of an epoch may be shorter)."""
+        accumulation = self.recipe.training.gradient_accumulation_steps
+        batches = iter(batches)
+        while window := list(itertools.islice(batches, accumulation)):
+            yield window
 
     def epoch_batches(self):
         """The rest of this epoch's batches. Starting a DataLoader iterator draws a worker seed from the global CPU
@@ -146,29 +154,37 @@ class Trainer:
             first = next(batches, None)
         return itertools.chain([first] if first is not None else [], batches)
 
-    def micro_batches_in_window(self) -> int:
-        """Batches accumulated into this optimizer step (fewer at an epoch's ragged end)."""
-        accumulation = self.recipe.training.gradient_accumulation_steps
-        remainder = self.position.batches_in_epoch % accumulation
-        return remainder or accumulation
-
-    def forward_backward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Forward and backward of one micro-batch; returns its (loss, samples, real tokens, padded tokens)."""
-        with self.accelerator.accumulate(self.model):
-            loss = self.model(**batch).loss
-            self.accelerator.backward(loss)
-        if self.recipe.training.log_sample_fingerprints:
-            self.window_fingerprints += [zlib.crc32(ids.cpu().numpy().tobytes()) for ids in example_token_ids(batch)]
-        tokens = batch["input_ids"]
-        real_tokens = batch["attention_mask"].sum() if "attention_mask" in batch else tokens.numel()  # packed: no padding
-        counts = (loss.detach().double(), len(batch["labels"]), real_tokens, tokens.numel())
-        return torch.stack([torch.as_tensor(c, dtype=torch.float64, device=tokens.device) for c in counts])
+    def forward_backward(self, window: list[Batch]) -> torch.Tensor:
+        """Forward and backward of one optimizer step's micro-batches, each weighted by its share of the step's loss
+        items over all processes; returns this rank's (loss sum, loss items, samples, real tokens, padded tokens)."""
+        items = [self.task.loss_items(batch) for batch in window]
+        device = self.accelerator.device
+        step_items = self.accelerator.reduce(torch.tensor(float(sum(items)), device=device), reduction="sum").item()
+        # Accelerate (or DeepSpeed) divides each micro-batch's loss by the accumulation steps and DDP averages the
+        # gradients over the processes; this weight undoes both and applies the item share instead.
+        scale = self.accelerator.gradient_accumulation_steps * self.accelerator.num_processes / step_items
+        # Sync (all-reduce, optimizer step) exactly at the window's last micro-batch, whatever its length.
+        self.accelerator.step = self.accelerator.gradient_accumulation_steps - len(window)
+        counts = torch.zeros(5, dtype=torch.float64, device=device)
+        for batch, batch_items in zip(window, items):
+            with self.accelerator.accumulate(self.model):
+                loss = self.task.loss(self.model, batch)
+                self.accelerator.backward(loss * (batch_items * scale))
+            self.position.batches_in_epoch += 1
+            if self.recipe.training.log_sample_fingerprints:
+                self.window_fingerprints += [zlib.crc32(ids.cpu().numpy().tobytes()) for ids in example_token_ids(batch)]
+            tokens = batch["input_ids"]
+            real_tokens = batch["attention_mask"].sum() if "attention_mask" in batch else tokens.numel()  # packed: no padding
+            samples = len(example_token_ids(batch)) if "position_ids" in batch else len(tokens)
+            step_counts = (loss.detach().double() * batch_items, batch_items, samples, real_tokens, tokens.numel())
+            counts += torch.stack([torch.as_tensor(c, dtype=torch.float64, device=device) for c in step_counts])
+        return counts
 
     def optimizer_step(self, window: torch.Tensor, window_start: float) -> StepResult:
         """Clip, check for non-finite values (every rank sees the same reduced numbers), step or skip."""
         training = self.recipe.training
-        loss_sum, samples, real_tokens, padded_tokens = self.accelerator.reduce(window, reduction="sum").tolist()
-        loss = loss_sum / (self.micro_batches_in_window() * self.accelerator.num_processes)
+        loss_sum, items, samples, real_tokens, padded_tokens = self.accelerator.reduce(window, reduction="sum").tolist()
+        loss = loss_sum / items
         grad_norm = None
         if training.max_grad_norm is not None:
             grad_norm = float(self.accelerator.clip_grad_norm_(self.model.parameters(), training.max_grad_norm))
@@ -226,20 +242,13 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Loss and the recipe's metrics over the whole eval set, exact across processes (`gather_for_metrics`)."""
+        """The task's loss and metrics over the whole eval set, exact across processes, then what it writes beside."""
         if self.eval_loader is None or self.position.optimizer_step == self.last_eval_step:
             return self.final_metrics  # evaluation.every_steps may already have landed on this epoch end
         self.model.eval()
-        losses, predictions, references = [], [], []
-        for batch in self.eval_loader:
-            logits = self.model(**batch).logits
-            logits, labels = self.accelerator.gather_for_metrics((logits, batch["labels"]))
-            losses.append(F.cross_entropy(logits.float(), labels, reduction="none").cpu())
-            predictions.append(logits.argmax(dim=-1).cpu())
-            references.append(labels.cpu())
+        metrics = self.task.evaluate(self.model, self.eval_loader, self.accelerator)
+        self.task.after_evaluation(self.model, self.accelerator, self.position.optimizer_step, Path(self.recipe.output.dir))
         self.model.train()
-        metrics = compute_metrics(self.recipe.evaluation.metrics, torch.cat(predictions).numpy(), torch.cat(references).numpy())
-        metrics = {"loss": float(torch.cat(losses).mean()), **metrics, "examples": int(np.sum([len(r) for r in references]))}
         self.reporter.log("eval", self.position.optimizer_step,
                           {"epoch": self.position.epoch, **metrics, **self.peak_device_memory()})
         self.final_metrics = metrics

@@ -11,16 +11,22 @@ from launcher.data import (
     EpochShuffleSampler,
     build_collator,
     build_dataloaders,
+    labelled_text_columns,
     load_splits,
     resolve_labels,
     tokenize_splits,
 )
 from launcher.recipe import DataSection, Recipe
+from launcher.tasks.classification import SequenceClassification
 from builders import sentiment_rows, write_csv
 
 
 def section(**values) -> DataSection:
     return DataSection(**values)
+
+
+def load(data: DataSection):
+    return load_splits(data, labelled_text_columns(data))
 
 
 def recipe_with(assets, tmp_path, precision="fp32", **data) -> Recipe:
@@ -46,7 +52,7 @@ def test_local_formats_load(tmp_path, suffix):
     else:
         lines = [json.dumps(r) for r in rows]
         path.write_text("\n".join(lines) + "\n")
-    splits = load_splits(section(train_file=str(path)))
+    splits = load(section(train_file=str(path)))
     assert len(splits.train) == 10 and splits.eval is None
     assert set(splits.train.column_names) >= {"text", "label"}
 
@@ -54,47 +60,47 @@ def test_local_formats_load(tmp_path, suffix):
 def test_seeded_subset_is_the_tutorials_shuffle_select(assets):
     import datasets
 
-    splits = load_splits(section(train_file=str(assets["train_csv"]), train_samples=10, subset_seed=7))
+    splits = load(section(train_file=str(assets["train_csv"]), train_samples=10, subset_seed=7))
     expected = datasets.load_dataset("csv", data_files=str(assets["train_csv"]), split="train").shuffle(seed=7).select(range(10))
     assert splits.train["idx"] == expected["idx"]
-    again = load_splits(section(train_file=str(assets["train_csv"]), train_samples=10, subset_seed=7))
+    again = load(section(train_file=str(assets["train_csv"]), train_samples=10, subset_seed=7))
     assert again.train["idx"] == splits.train["idx"]
 
 
 def test_eval_fraction_carves_a_disjoint_seeded_eval_set(assets):
-    splits = load_splits(section(train_file=str(assets["train_csv"]), eval_fraction=0.25))
+    splits = load(section(train_file=str(assets["train_csv"]), eval_fraction=0.25))
     assert len(splits.eval) == 16 and len(splits.train) == 48
     assert not set(splits.train["idx"]) & set(splits.eval["idx"])
 
 
 def test_subset_larger_than_split_is_an_error_naming_it(assets):
     with pytest.raises(DataError, match=r"train.csv: asked for a subset of 999 examples but it holds only 64"):
-        load_splits(section(train_file=str(assets["train_csv"]), train_samples=999))
+        load(section(train_file=str(assets["train_csv"]), train_samples=999))
 
 
 def test_missing_column_names_file_and_columns(assets):
     with pytest.raises(DataError, match=r"eval.csv: missing column\(s\) \['sentence'\]"):
-        load_splits(section(train_file=str(assets["eval_csv"]), eval_file=str(assets["eval_csv"]), text_field="sentence"))
+        load(section(train_file=str(assets["eval_csv"]), eval_file=str(assets["eval_csv"]), text_field="sentence"))
 
 
 def test_missing_file_unsupported_type_empty_and_unreadable(tmp_path):
     with pytest.raises(DataError, match="nope.csv: file not found"):
-        load_splits(section(train_file=str(tmp_path / "nope.csv")))
+        load(section(train_file=str(tmp_path / "nope.csv")))
     (tmp_path / "data.txt").write_text("x")
     with pytest.raises(DataError, match="unsupported file type"):
-        load_splits(section(train_file=str(tmp_path / "data.txt")))
+        load(section(train_file=str(tmp_path / "data.txt")))
     (tmp_path / "empty.csv").write_text("text,label\n")
     with pytest.raises(DataError, match="empty.csv: no examples"):
-        load_splits(section(train_file=str(tmp_path / "empty.csv")))
+        load(section(train_file=str(tmp_path / "empty.csv")))
     (tmp_path / "broken.jsonl").write_text('{"text": "a", "label": 1}\n{not json\n')
     with pytest.raises(DataError, match="broken.jsonl: cannot be read as json"):
-        load_splits(section(train_file=str(tmp_path / "broken.jsonl")))
+        load(section(train_file=str(tmp_path / "broken.jsonl")))
 
 
 def test_string_labels_map_to_ids_in_label_names_order(tmp_path):
     rows = [{"text": f"t{i}", "label": ("fresh", "rotten")[i % 2]} for i in range(6)]
     path = write_csv(tmp_path / "s.csv", rows)
-    splits = load_splits(section(train_file=str(path)))
+    splits = load(section(train_file=str(path)))
     assert resolve_labels(splits, section(train_file=str(path)), 2).names == ["fresh", "rotten"]
     fixed = section(train_file=str(path), label_names=["rotten", "fresh"])
     assert resolve_labels(splits, fixed, 2).label2id == {"rotten": 0, "fresh": 1}
@@ -103,16 +109,16 @@ def test_string_labels_map_to_ids_in_label_names_order(tmp_path):
 def test_label_problems_are_named(tmp_path, assets):
     path = write_csv(tmp_path / "s.csv", [{"text": "a", "label": "x"}, {"text": "b", "label": "y"}, {"text": "c", "label": "z"}])
     with pytest.raises(DataError, match=r"s.csv: column 'label' has 3 classes"):
-        resolve_labels(load_splits(section(train_file=str(path))), section(train_file=str(path)), 2)
+        resolve_labels(load(section(train_file=str(path))), section(train_file=str(path)), 2)
     with pytest.raises(DataError, match=r"labels \['z'\] not in data.label_names"):
         data = section(train_file=str(path), label_names=["x", "y"])
-        resolve_labels(load_splits(data), data, 2)
+        resolve_labels(load(data), data, 2)
 
 
 def test_integer_labels_out_of_range_are_named(tmp_path, assets):
     path = write_csv(tmp_path / "ints.csv", [{"text": "good film", "label": i} for i in (0, 1, 5)])
     data = section(train_file=str(path))
-    splits = load_splits(data)
+    splits = load(data)
     labels = resolve_labels(splits, data, 2)
     tokenizer = AutoTokenizer.from_pretrained(assets["bert"])
     with pytest.raises(DataError, match=r"ints.csv: column 'label' has label ids \[5\] outside \[0, 2\)"):
@@ -121,7 +127,7 @@ def test_integer_labels_out_of_range_are_named(tmp_path, assets):
 
 def test_pairs_are_encoded_as_one_sequence_with_two_segments(assets):
     data = section(train_file=str(assets["pair_train_csv"]), text_field="sentence1", text_pair_field="sentence2")
-    splits = load_splits(data)
+    splits = load(data)
     tokenizer = AutoTokenizer.from_pretrained(assets["bert"])
     tokenized = tokenize_splits(splits, data, resolve_labels(splits, data, 2), tokenizer).train
     first = tokenized[0]
@@ -135,7 +141,7 @@ def test_truncation_and_max_length_padding(assets, tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(assets["bert"])
     for padding, check in (("max_length", lambda n: n == {8}), ("dynamic", lambda n: max(n) <= 8 and len(n) > 1)):
         data = section(train_file=str(assets["train_csv"]), max_length=8, padding=padding)
-        splits = load_splits(data)
+        splits = load(data)
         tokenized = tokenize_splits(splits, data, resolve_labels(splits, data, 2), tokenizer).train
         assert check({len(ids) for ids in tokenized["input_ids"]}), padding
 
@@ -144,9 +150,9 @@ def test_truncation_and_max_length_padding(assets, tmp_path):
 def test_dynamic_padding_pads_each_batch_to_its_longest(assets, tmp_path, precision, multiple):
     recipe = recipe_with(assets, tmp_path, precision=precision)
     tokenizer = AutoTokenizer.from_pretrained(assets["bert"])
-    splits = load_splits(recipe.data)
+    splits = load(recipe.data)
     tokenized = tokenize_splits(splits, recipe.data, resolve_labels(splits, recipe.data, 2), tokenizer)
-    train_loader, eval_loader = build_dataloaders(tokenized, recipe, tokenizer)
+    train_loader, eval_loader = build_dataloaders(tokenized, recipe, *SequenceClassification(recipe, tokenizer).collators())
     widths = set()
     for batch in eval_loader:
         longest = int(batch["attention_mask"].sum(dim=1).max())

@@ -154,10 +154,13 @@ from launcher.devices import detect_device
 from launcher.distributed import build_accelerator
 from launcher.modeling import load_model, load_tokenizer
 from launcher.recipe_loader import load_recipe
+from launcher.tasks.classification import SequenceClassification
 
 recipe = load_recipe({recipe!r})
 accelerator = build_accelerator(recipe, "bf16", detect_device())
-model = load_model(recipe, LabelSpace(["negative", "positive"]), load_tokenizer(recipe.model))
+task = SequenceClassification(recipe, load_tokenizer(recipe.model))
+task.labels = LabelSpace(["negative", "positive"])
+model = load_model(recipe, task, task.tokenizer)
 frozen = [p for p in model.parameters() if not p.requires_grad]
 line = (f"local {{sum(p.numel() for p in frozen)}} full {{sum(p.ds_numel for p in frozen)}} "
         f"dtypes {{sorted({{str(p.dtype) for p in model.parameters()}})}}\\n")

@@ -4,6 +4,7 @@ and the verdict `--check` prints for Llama-3-8B on 8 x 80 GiB (ZeRO-3) and 1 x 8
 from __future__ import annotations
 
 import pytest
+from peft import TaskType
 from transformers import AutoModelForSequenceClassification
 
 from conftest import REPO
@@ -22,7 +23,7 @@ from launcher.run import main
 LLAMA = str(REPO / "recipes" / "llama3_yelp.yaml")
 CONFIGS = REPO / "accelerate_configs"
 # A shape small enough to do the arithmetic by hand: 1000 parameters, all trainable, 100 in the largest layer.
-SMALL = ModelSize(total=1000, trainable=1000, largest_gathered=100, hidden_size=8, layers=2, heads=2, source="test")
+SMALL = ModelSize(total=1000, trainable=1000, largest_gathered=100, hidden_size=8, layers=2, heads=2, source="test", vocab_size=50)
 
 
 @pytest.fixture(autouse=True)
@@ -49,7 +50,7 @@ def test_llama3_8b_classifier_parameters_are_counted_exactly_without_weights():
 
 def test_lora_trainable_count_matches_the_real_model(assets):
     recipe = load_recipe(LLAMA, [f"model.name_or_path={assets['bert']}", "lora.enabled=true", "task.num_labels=2"])
-    real = apply_lora(AutoModelForSequenceClassification.from_pretrained(assets["bert"], num_labels=2), recipe.lora)
+    real = apply_lora(AutoModelForSequenceClassification.from_pretrained(assets["bert"], num_labels=2), recipe.lora, TaskType.SEQ_CLS)
     size = measure_model(recipe)
     assert (size.trainable, size.total) == count_parameters(real)
     assert size.trainable < size.total / 5

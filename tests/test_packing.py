@@ -8,8 +8,9 @@ import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, DataCollatorWithPadding
 
 from conftest import eval_loss_of, run_in_process, tiny_recipe, write_recipe
-from launcher.data import PackedCollator, example_token_ids, load_splits, resolve_labels, tokenize_splits
+from launcher.data import PackedCollator, example_token_ids, load_splits
 from launcher.modeling import load_model, load_tokenizer
+from launcher.tasks.classification import SequenceClassification
 from launcher.packing import PACKED_ARCHITECTURES, enable_packed_batches
 from launcher.recipe import Recipe
 from launcher.reporting import read_metrics_log
@@ -36,14 +37,13 @@ def llama_setup(assets, tmp_path, lora: bool):
         assets, tmp_path, model="llama", data={"padding": "packed"}, lora={"enabled": lora, "r": 4, "dropout": 0.0}
     ))
     tokenizer = load_tokenizer(recipe.model)
-    splits = load_splits(recipe.data)
-    labels = resolve_labels(splits, recipe.data, 2)
-    train = tokenize_splits(splits, recipe.data, labels, tokenizer).train
+    task = SequenceClassification(recipe, tokenizer)
+    train = task.prepare_data(load_splits(recipe.data, task.columns(recipe))).train
     features = [train[i] for i in range(8)]
     features[0]["input_ids"] = features[0]["input_ids"] + [tokenizer.pad_token_id]  # as a tokenizer appending EOS = pad
     features[0]["attention_mask"] = features[0]["attention_mask"] + [1]
     torch.manual_seed(0)
-    return load_model(recipe, labels, tokenizer), features, tokenizer
+    return load_model(recipe, task, tokenizer), features, tokenizer
 
 
 def forward_backward(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:

@@ -1,0 +1,318 @@
+"""`task.type: causal_lm`: supervised fine-tuning (SFT) of a decoder's own LM head.
+
+Rows become text with trained spans (`launcher.tasks.sft_text`), then tokens whose next-token targets are IGNORE
+wherever nothing is trained. The loss is the mean over the trained tokens, and the LM head runs on those tokens
+only: logits are batch x length x vocab floats (128k vocab for Llama 3), and most positions (prompts, padding)
+need none. Labelled rows are also evaluated as classification, by scoring each label's words after the prompt and
+taking the most likely (restricted choice, as lm-eval-harness does; multi-token answers sum their log-probs).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from types import MethodType
+from typing import Any, Optional
+
+import datasets
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from peft import PeftModel, TaskType
+from torch.utils.data import DataLoader
+from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers.integrations import is_deepspeed_zero3_enabled
+from transformers.utils import ModelOutput
+
+from launcher.data import DataError, LabelSpace, Splits, labelled_text_columns, resolve_labels
+from launcher.metrics import compute_metrics
+from launcher.tasks.base import Batch, Collator, Task
+from launcher.tasks.sft_text import IGNORE, Rendered, TextRenderer, check_messages, tokenize
+
+
+@dataclass
+class TrainedTokenOutput(ModelOutput):
+    """What the SFT forward returns instead of full logits."""
+
+    loss: Optional[torch.Tensor] = None
+    """Mean cross-entropy over the trained tokens."""
+    token_losses: Optional[torch.Tensor] = None
+    """Cross-entropy of each trained token (fp32), in row-major order of `selected`."""
+    selected: Optional[torch.Tensor] = None
+    """Where the trained tokens are: a bool mask shaped like `input_ids`."""
+
+
+def language_model_of(model: torch.nn.Module) -> PreTrainedModel:
+    """The transformers causal LM; under LoRA its layers already hold the adapters."""
+    return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
+def trained_token_forward(lm: PreTrainedModel, input_ids: torch.Tensor, targets: torch.Tensor,
+                          attention_mask: Optional[torch.Tensor] = None,
+                          position_ids: Optional[torch.Tensor] = None) -> TrainedTokenOutput:
+    """The decoder over every token, the LM head over the trained ones only.
+
+    Packed rows carry `position_ids` restarting per example and no mask, which transformers' decoders read as
+    separate sequences (as in `launcher.packing`); use_cache=False, or the cache would make them one sequence."""
+    backbone = getattr(lm, lm.base_model_prefix)
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                      use_cache=False).last_hidden_state
+    selected = targets != IGNORE
+    logits = lm.get_output_embeddings()(hidden[selected]).float()
+    softcap = getattr(lm.config, "final_logit_softcapping", None)  # Gemma 2/3 squash logits before the softmax
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    token_losses = F.cross_entropy(logits, targets[selected], reduction="none")
+    return TrainedTokenOutput(loss=token_losses.mean(), token_losses=token_losses, selected=selected)
+
+
+def enable_trained_token_batches(model: torch.nn.Module) -> None:
+    """Let `model` take batches with `targets`; any other call (generation) goes to its own forward unchanged.
+
+    The forward is replaced on the instance, as `launcher.packing` does: DDP and DeepSpeed keep calling the module
+    they wrap, so their hooks run, and the state dict, the peft wrapper and the export stay as they were."""
+    own_forward = model.forward
+
+    def forward(self, *args, targets: Optional[torch.Tensor] = None, **kwargs):
+        if targets is None:
+            return own_forward(*args, **kwargs)
+        return trained_token_forward(language_model_of(self), targets=targets, **kwargs)
+
+    model.forward = MethodType(forward, model)
+
+
+def next_token_targets(labels: list[int]) -> list[int]:
+    """Position t is trained to predict token t+1: shift within the example, so no target crosses into the next
+    example of a packed row."""
+    return labels[1:] + [IGNORE]
+
+
+class PaddedSFTCollator:
+    """Rows padded to the batch's longest (a multiple of `multiple`), targets shifted per example."""
+
+    def __init__(self, pad_token_id: int, multiple: Optional[int]):
+        self.pad_token_id = pad_token_id
+        self.multiple = multiple
+
+    def pad(self, rows: list[list[int]], value: int, width: int) -> torch.Tensor:
+        return torch.tensor([row + [value] * (width - len(row)) for row in rows])
+
+    def __call__(self, features: list[dict[str, Any]]) -> Batch:
+        ids = [list(f["input_ids"]) for f in features]
+        width = max(len(row) for row in ids)
+        if self.multiple:
+            width = -(-width // self.multiple) * self.multiple
+        return {
+            "input_ids": self.pad(ids, self.pad_token_id, width),
+            "attention_mask": self.pad([[1] * len(row) for row in ids], 0, width),
+            "targets": self.pad([next_token_targets(list(f["labels"])) for f in features], IGNORE, width),
+        }
+
+
+def packed_sft_batch(features: list[dict[str, Any]]) -> Batch:
+    """`data.padding: packed`: the batch's examples joined into one row, positions restarting per example."""
+    examples = [list(f["input_ids"]) for f in features]
+    return {
+        "input_ids": torch.tensor([list(itertools.chain(*examples))]),
+        "position_ids": torch.tensor([[p for ids in examples for p in range(len(ids))]]),
+        "targets": torch.tensor([[t for f in features for t in next_token_targets(list(f["labels"]))]]),
+    }
+
+
+class ChoiceCollator(PaddedSFTCollator):
+    """Labelled evaluation: every example once per class, the class's answer in place of the gold one. Besides the
+    trained targets (for the eval loss of the gold rows) it marks the targets of the answer words, which are scored."""
+
+    def __call__(self, features: list[dict[str, Any]]) -> Batch:
+        rows = [{"input_ids": ids, "labels": labels}
+                for f in features for ids, labels in zip(f["choice_input_ids"], f["choice_labels"])]
+        batch = super().__call__(rows)
+        answer = torch.zeros_like(batch["targets"], dtype=torch.bool)
+        spans = [span for f in features for span in f["choice_answers"]]
+        for row, (start, end) in enumerate(spans):
+            answer[row, start - 1:end - 1] = True  # target t predicts token t+1
+        batch["answer_mask"] = answer
+        batch["label"] = torch.tensor([f["label"] for f in features])
+        return batch
+
+
+def per_row_sums(values: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
+    """Sum of per-token `values` (in the order of `selected`'s True entries) for each row of `selected`."""
+    rows = selected.nonzero()[:, 0]
+    return torch.zeros(selected.shape[0], device=values.device, dtype=values.dtype).index_add_(0, rows, values)
+
+
+class CausalLanguageModeling(Task):
+    model_class = AutoModelForCausalLM
+    peft_task_type = TaskType.CAUSAL_LM
+
+    def __init__(self, recipe, tokenizer):
+        super().__init__(recipe, tokenizer)
+        self.renderer = TextRenderer(recipe.task, tokenizer)
+        self.labels: Optional[LabelSpace] = None
+        self.generation_prompts: list[dict[str, str]] = []
+
+    @property
+    def labelled(self) -> bool:
+        return self.recipe.task.format == "labelled"
+
+    def answers(self) -> list[str]:
+        return self.recipe.task.label_words or self.labels.names
+
+    def render(self, row: dict[str, Any], where: str, answer: Optional[str] = None) -> Rendered:
+        """One row as text; `answer` replaces a labelled row's gold answer (restricted-choice candidates)."""
+        task, data = self.recipe.task, self.recipe.data
+        if task.format == "chat":
+            return self.renderer.chat(check_messages(row[task.messages_field], where))
+        if task.format == "prompt_completion":
+            prompt, completion = row[task.prompt_field], row[task.completion_field]
+            for field, value in ((task.prompt_field, prompt), (task.completion_field, completion)):
+                if not isinstance(value, str) or not value.strip():
+                    raise DataError(f"{where}: column {field!r} is empty or not text")
+            return self.renderer.prompt_answer(prompt, completion, answer_span=False)
+        texts = {"text": row[data.text_field]}
+        if data.text_pair_field:
+            texts["text_pair"] = row[data.text_pair_field]
+        for field, value in zip((data.text_field, data.text_pair_field), texts.values()):
+            if not isinstance(value, str) or not value.strip():
+                raise DataError(f"{where}: column {field!r} is empty or not text")
+        gold = self.answers()[self.class_of(row, where)]
+        return self.renderer.prompt_answer(task.prompt_template.format(**texts), answer or gold, answer_span=True)
+
+    @classmethod
+    def columns(cls, recipe) -> list[str]:
+        task = recipe.task
+        if task.format == "chat":
+            return [task.messages_field]
+        if task.format == "prompt_completion":
+            return [task.prompt_field, task.completion_field]
+        return labelled_text_columns(recipe.data)
+
+    def class_of(self, row: dict[str, Any], where: str) -> int:
+        label = row[self.recipe.data.label_field]
+        index = self.labels.label2id.get(label) if isinstance(label, str) else label
+        if not isinstance(index, int) or not 0 <= index < len(self.answers()):
+            raise DataError(f"{where}: column {self.recipe.data.label_field!r} holds {label!r}, which has no label "
+                            f"word (task.label_words has {len(self.answers())} in id order)")
+        return index
+
+    def prepare_data(self, splits: Splits) -> Splits:
+        if self.labelled:
+            self.labels = resolve_labels(splits, self.recipe.data, self.recipe.task.label_count)
+            self.notes.append("answers: " + ", ".join(f"{name} -> {word!r}" for name, word in zip(self.labels.names, self.answers())))
+        train = self.tokenize_split(splits.train, splits.train_origin, evaluation=False)
+        evaluation = self.tokenize_split(splits.eval, splits.eval_origin, evaluation=True) if splits.eval is not None else None
+        if splits.eval is not None and self.recipe.task.generations:
+            self.generation_prompts = [
+                {"prompt": self.renderer.prompt_of(rendered), "reference": rendered.text[rendered.trained[-1][0]:]}
+                for i, rendered in enumerate(self.render(splits.eval[i], f"{splits.eval_origin} row {i}")
+                                             for i in range(min(self.recipe.task.generations, len(splits.eval))))
+            ]
+        return Splits(train, evaluation, splits.train_origin, splits.eval_origin)
+
+    def tokenize_split(self, dataset: datasets.Dataset, origin: str, evaluation: bool) -> datasets.Dataset:
+        max_length = self.recipe.data.max_length
+        choices = evaluation and self.labelled
+
+        def encode(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+            rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
+            out: dict[str, list] = {"input_ids": [], "labels": [], "truncated": []}
+            if choices:
+                out |= {"choice_input_ids": [], "choice_labels": [], "choice_answers": [], "label": []}
+            for index, row in zip(indices, rows):
+                where = f"{origin} row {index}"
+                gold = tokenize(self.render(row, where), self.tokenizer, max_length)
+                out["input_ids"].append(gold.input_ids)
+                out["labels"].append(gold.labels)
+                out["truncated"].append(gold.truncated)
+                if choices:
+                    candidates = [tokenize(self.render(row, where, answer), self.tokenizer, max_length) for answer in self.answers()]
+                    out["choice_input_ids"].append([c.input_ids for c in candidates])
+                    out["choice_labels"].append([c.labels for c in candidates])
+                    out["choice_answers"].append([c.answer or (len(c.input_ids), len(c.input_ids)) for c in candidates])
+                    out["label"].append(self.class_of(row, where))
+                    out["truncated"][-1] = gold.truncated or any(c.answer is None or c.answer[1] > max_length for c in candidates)
+            return out
+
+        tokenized = dataset.map(encode, batched=True, with_indices=True, remove_columns=dataset.column_names,
+                                desc=f"tokenizing {origin}")
+        return self.drop_truncated(tokenized, origin)
+
+    def drop_truncated(self, tokenized: datasets.Dataset, origin: str) -> datasets.Dataset:
+        truncated = [i for i, cut in enumerate(tokenized["truncated"]) if cut]
+        if truncated and self.recipe.task.on_truncated == "fail":
+            raise DataError(f"{origin}: rows {truncated[:10]} lose every trained token (or their answer) to "
+                            f"data.max_length={self.recipe.data.max_length}; raise it or set task.on_truncated=drop")
+        if truncated:
+            self.notes.append(f"{origin}: dropped {len(truncated)} of {len(tokenized)} rows whose trained tokens "
+                              f"data.max_length={self.recipe.data.max_length} cuts away (task.on_truncated=drop)")
+            tokenized = tokenized.filter(lambda cut: not cut, input_columns="truncated")
+        if len(tokenized) == 0:
+            raise DataError(f"{origin}: no rows left to train on")
+        return tokenized.remove_columns("truncated")
+
+    def adapt_model(self, model: torch.nn.Module) -> None:
+        enable_trained_token_batches(model)
+
+    def collators(self) -> tuple[Collator, Collator]:
+        multiple = 8 if self.recipe.training.precision != "fp32" else None
+        padded = PaddedSFTCollator(self.tokenizer.pad_token_id, multiple)
+        train = packed_sft_batch if self.recipe.data.padding == "packed" else padded
+        return train, ChoiceCollator(self.tokenizer.pad_token_id, multiple) if self.labelled else padded
+
+    def loss_items(self, batch: Batch) -> int:
+        return int((batch["targets"] != IGNORE).sum())
+
+    def loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        return model(**batch).loss
+
+    def evaluate(self, model: torch.nn.Module, loader: DataLoader, accelerator: Accelerator) -> dict[str, float]:
+        loss_sums, token_counts, scores, references = [], [], [], []
+        classes = len(self.answers()) if self.labelled else 1
+        for batch in loader:
+            answer_mask, label = batch.pop("answer_mask", None), batch.pop("label", None)
+            out = model(**batch)
+            row_loss = per_row_sums(out.token_losses, out.selected)
+            row_tokens = out.selected.sum(dim=1)
+            if self.labelled:
+                answer_logprob = -per_row_sums(out.token_losses * answer_mask[out.selected], out.selected)
+                by_class = answer_logprob.view(-1, classes)
+                gold = torch.arange(len(label), device=label.device) * classes + label
+                gathered = accelerator.gather_for_metrics((row_loss[gold], row_tokens[gold], by_class, label))
+                scores.append(gathered[2].cpu())
+                references.append(gathered[3].cpu())
+            else:
+                gathered = accelerator.gather_for_metrics((row_loss, row_tokens))
+            loss_sums.append(gathered[0].double().cpu())
+            token_counts.append(gathered[1].cpu())
+        loss = float(torch.cat(loss_sums).sum() / torch.cat(token_counts).sum())
+        metrics = {"loss": loss, "perplexity": float(np.exp(min(loss, 50.0)))}
+        if self.labelled:
+            predictions = torch.cat(scores).argmax(dim=1).numpy()
+            metrics |= compute_metrics(self.recipe.metric_names, predictions, torch.cat(references).numpy())
+        return {**metrics, "examples": int(sum(len(c) for c in token_counts)), "tokens": int(torch.cat(token_counts).sum())}
+
+    @torch.no_grad()
+    def after_evaluation(self, model: torch.nn.Module, accelerator: Accelerator, step: int, run_dir: Path) -> None:
+        """Greedy continuations of the first eval prompts, next to what the data says (every rank generates: under
+        ZeRO-3 each forward gathers the layers collectively)."""
+        if not self.generation_prompts:
+            return
+        generator = accelerator.unwrap_model(model)
+        records = []
+        for example in self.generation_prompts:
+            plain = not (self.renderer.has_template and (self.recipe.task.format == "chat" or self.recipe.task.use_chat_template))
+            inputs = self.tokenizer(example["prompt"], add_special_tokens=plain, return_tensors="pt").to(accelerator.device)
+            output = generator.generate(**inputs, max_new_tokens=self.recipe.task.max_new_tokens, do_sample=False,
+                                        pad_token_id=self.tokenizer.pad_token_id, synced_gpus=is_deepspeed_zero3_enabled())
+            generated = self.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+            records.append({**example, "generated": generated})
+        if accelerator.is_main_process:
+            folder = run_dir / "generations"
+            folder.mkdir(exist_ok=True)
+            lines = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+            (folder / f"step-{step:08d}.jsonl").write_text(lines, encoding="utf-8")
+

@@ -1,0 +1,72 @@
+"""`task.type: sequence_classification`: a classification head on an encoder (`classifier`) or a decoder (`score`
+on the last token), cross-entropy over examples, accuracy / F1 metrics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from peft import TaskType
+from torch.utils.data import DataLoader
+from transformers import AutoModelForSequenceClassification
+
+from launcher.data import (
+    LabelSpace,
+    PackedCollator,
+    Splits,
+    build_collator,
+    labelled_text_columns,
+    resolve_labels,
+    tokenize_splits,
+)
+from launcher.metrics import compute_metrics
+from launcher.packing import enable_packed_batches
+from launcher.tasks.base import Batch, Collator, Task
+
+
+class SequenceClassification(Task):
+    model_class = AutoModelForSequenceClassification
+    peft_task_type = TaskType.SEQ_CLS  # peft keeps the new head (`classifier` / `score`) trainable and saves it
+
+    labels: LabelSpace
+
+    @classmethod
+    def columns(cls, recipe) -> list[str]:
+        return labelled_text_columns(recipe.data)
+
+    def prepare_data(self, splits: Splits) -> Splits:
+        self.labels = resolve_labels(splits, self.recipe.data, self.recipe.task.num_labels)
+        return tokenize_splits(splits, self.recipe.data, self.labels, self.tokenizer)
+
+    def model_kwargs(self) -> dict[str, Any]:
+        return {"num_labels": self.recipe.task.num_labels, "id2label": self.labels.id2label,
+                "label2id": self.labels.label2id}
+
+    def adapt_model(self, model: torch.nn.Module) -> None:
+        if self.recipe.data.padding == "packed":
+            enable_packed_batches(model)
+
+    def collators(self) -> tuple[Collator, Collator]:
+        padded = build_collator(self.tokenizer, self.recipe)
+        train = PackedCollator(self.tokenizer.pad_token_id) if self.recipe.data.padding == "packed" else padded
+        return train, padded
+
+    def loss_items(self, batch: Batch) -> int:
+        return len(batch["labels"])
+
+    def loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        return model(**batch).loss
+
+    def evaluate(self, model: torch.nn.Module, loader: DataLoader, accelerator: Accelerator) -> dict[str, float]:
+        losses, predictions, references = [], [], []
+        for batch in loader:
+            logits = model(**batch).logits
+            logits, labels = accelerator.gather_for_metrics((logits, batch["labels"]))
+            losses.append(F.cross_entropy(logits.float(), labels, reduction="none").cpu())
+            predictions.append(logits.argmax(dim=-1).cpu())
+            references.append(labels.cpu())
+        metrics = compute_metrics(self.recipe.metric_names, torch.cat(predictions).numpy(), torch.cat(references).numpy())
+        return {"loss": float(torch.cat(losses).mean()), **metrics, "examples": int(np.sum([len(r) for r in references]))}
