@@ -48,8 +48,8 @@ def time_limit_seconds(text: str) -> Optional[int]:
 
 @dataclass(frozen=True)
 class Resources:
-    """What one job asks Slurm for. Accelerate starts one process per device on each node; a CPU job is
-    one process on one node."""
+    """What one job asks Slurm for. Accelerate starts one process per device on each node. A CPU job is one
+    process on one node, or with `devices_per_node` CPU processes per node (DDP over gloo) on any number."""
 
     nodes: int
     device: DeviceKind
@@ -63,7 +63,12 @@ class Resources:
 
     @property
     def processes_per_node(self) -> int:
-        return self.devices_per_node if self.device != "cpu" else 1
+        return self.devices_per_node or 1
+
+    @property
+    def single_cpu_process(self) -> bool:
+        """Accelerate's plain CPU launch (`--cpu`): one process; several CPU processes go through torchrun."""
+        return self.device == "cpu" and not self.devices_per_node
 
     @property
     def num_processes(self) -> int:
@@ -84,6 +89,7 @@ class BatchJob:
     run_script: Path
     accelerate_config: Optional[Path]
     signal_seconds: int
+    collective_timeout_s: int
     max_running: Optional[int] = None
     env: dict[str, str] = field(default_factory=dict)
 
@@ -120,17 +126,24 @@ def sbatch_directives(job: BatchJob) -> list[str]:
 
 
 def device_environment(job: BatchJob) -> dict[str, str]:
-    """Collective-library settings per device kind; `--env` entries from the user win."""
+    """Collective-library settings per device kind; `--env` entries from the user win (the network interface
+    of a multi-homed node, for example: NCCL_SOCKET_IFNAME, GLOO_SOCKET_IFNAME, HCCL_SOCKET_IFNAME)."""
     r = job.resources
     if r.device == "gpu":
-        # A rank that dies makes the others raise instead of hanging until the collective timeout.
+        # A collective that exceeds the recipe's training.collective_timeout_s (the process group's timeout)
+        # then raises on every rank instead of hanging; a rank that dies makes the others raise too.
         env = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "1", "NCCL_DEBUG": "WARN"}
     elif r.device == "npu":
         env = {
             "ASCEND_RT_VISIBLE_DEVICES": ",".join(str(i) for i in range(r.devices_per_node)),
             # Multi-node HCCL link set-up can exceed the 120 s default on a busy fabric.
             "HCCL_CONNECT_TIMEOUT": "1200",
+            # HCCL's own per-collective limit: as long as the recipe's, so a rank still tokenizing (the others
+            # wait for rank 0 in a barrier) is not declared dead by HCCL before the process group would.
+            "HCCL_EXEC_TIMEOUT": str(job.collective_timeout_s),
         }
+    elif r.devices_per_node:
+        env = {"ACCELERATE_USE_CPU": "true"}  # the torchrun path forms a CPU (gloo) group only when told so
     else:
         env = {}
     if r.cpus_per_task:
@@ -144,7 +157,7 @@ def launch_arguments(job: BatchJob) -> list[str]:
     lines = []
     if job.accelerate_config is not None:
         lines.append(f"--config_file {shlex.quote(str(job.accelerate_config))}")
-    if r.device == "cpu":
+    if r.single_cpu_process:
         lines.append("--cpu")
     return lines + [
         '--num_machines "$SLURM_NNODES"',
@@ -179,9 +192,11 @@ TASK_RECIPES=(
 )
 export RUN_RECIPE=${{TASK_RECIPES[${{SLURM_ARRAY_TASK_ID:-0}}]}}
 
-# The batch shell runs on the first node of the allocation: it is the rendezvous host, and the port is one
-# that is free there now.
-export MAIN_HOST=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+# The batch shell runs on the first node of the allocation: it is the rendezvous host, at the address Slurm
+# itself reaches it by (its NodeAddr). The port is one that is free there now, so two jobs sharing a node
+# never rendezvous on the same port.
+first_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+export MAIN_HOST=$(scontrol show node -o "$first_node" | grep -o 'NodeAddr=[^ ]*' | cut -d= -f2)
 export MAIN_PORT=$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')
 echo "job $SLURM_JOB_ID, restart ${{SLURM_RESTART_COUNT:-0}}, main $MAIN_HOST:$MAIN_PORT: $RUN_RECIPE"
 
@@ -210,6 +225,12 @@ if [ "$status" -eq 3 ] || {{ [ "$stop_requested" = 1 ] && [ "$status" -ne 0 ]; }
   # Slurm ends this script itself as part of the requeue: wait for that rather than report a completion of
   # our own that would race the requeue (the sleep is only a bound, should Slurm not end it).
   scontrol requeue "$SLURM_JOB_ID" && sleep 300
+elif [ "$status" -ne 0 ]; then
+  script=$(scontrol show job -o "$SLURM_JOB_ID" | grep -o 'Command=[^ ]*' | cut -d= -f2)
+  echo "error: the training step failed (exit $status) on $SLURM_JOB_NODELIST: a rank or a node died, or the" \
+       "run stopped with an error (each rank's message is above). Complete checkpoints are kept: once the cause" \
+       "is fixed, submit again and the run resumes from the latest one: sbatch" \
+       "${{SLURM_ARRAY_TASK_ID:+--array=$SLURM_ARRAY_TASK_ID }}$script" >&2
 fi
 exit "$status"
 """

@@ -4,6 +4,7 @@
     python -m launcher.submit recipes/llama3_yelp.yaml --nodes 2 --npus-per-node 8 --partition ascend
     python -m launcher.submit recipes/mrpc_bert.yaml --gpus-per-node 1 --array training.lr=1e-5,2e-5,5e-5
     python -m launcher.submit recipes/demo.yaml --cpus-per-task 2 training.epochs=1 --dry-run
+    python -m launcher.submit recipes/demo.yaml --nodes 2 --cpu-processes-per-node 1   # DDP over gloo, no GPUs
 
 Every recipe (each sweep task's too) is validated before anything is rendered, the cluster is asked whether it
 can hold the job, then the script and the frozen recipes are written next to the outputs and sbatch is called.
@@ -34,7 +35,8 @@ from launcher.slurm import (
 )
 from launcher.sweep import SweepError, SweepTask, expand, write_manifest
 
-DEFAULT_ACCELERATE_CONFIG = {"gpu": "accelerate_configs/multi_node.yaml", "npu": "accelerate_configs/npu_ddp.yaml"}
+DEFAULT_ACCELERATE_CONFIG = {"gpu": "accelerate_configs/multi_node.yaml", "npu": "accelerate_configs/npu_ddp.yaml",
+                             "cpu": "accelerate_configs/multi_node.yaml"}  # CPU processes: torchrun, gloo
 RUN_SCRIPT = Path(__file__).resolve().with_name("run.py")
 FROZEN_RECIPE = "recipe.yaml"
 USER_ERRORS = (RecipeError, RunDirectoryError, SlurmError, SweepError)
@@ -68,6 +70,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     devices.add_argument("--gpus-per-node", type=int, metavar="G", help="CUDA GPUs per node; one training process each")
     devices.add_argument("--npus-per-node", type=int, metavar="G",
                          help="Ascend NPUs per node (gres npu); one training process each")
+    devices.add_argument("--cpu-processes-per-node", type=int, metavar="P",
+                         help="P CPU training processes per node, data parallel over gloo (CPU clusters, tests)")
     where.add_argument("-c", "--cpus-per-task", type=int, metavar="N",
                        help="CPUs per node task (without GPUs/NPUs: the training process's threads)")
     where.add_argument("-p", "--partition", metavar="NAME", help="partition (default: the cluster's default partition)")
@@ -84,7 +88,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     launch = parser.add_argument_group("launch")
     launch.add_argument("--accelerate-config", type=Path, metavar="PATH",
                         help="accelerate config of the topology (default: accelerate_configs/multi_node.yaml for "
-                             "GPUs, accelerate_configs/npu_ddp.yaml for NPUs, none on CPU)")
+                             "GPUs and CPU processes, accelerate_configs/npu_ddp.yaml for NPUs, none for one CPU "
+                             "process)")
     launch.add_argument("--signal-time", type=int, default=300, metavar="SECONDS",
                         help="ask for USR1 this long before the time limit to checkpoint and requeue (default 300)")
     launch.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
@@ -97,13 +102,14 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
 
 def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     counts = {"--nodes": args.nodes, "--gpus-per-node": args.gpus_per_node, "--npus-per-node": args.npus_per_node,
-              "--cpus-per-task": args.cpus_per_task, "--max-running": args.max_running}
+              "--cpu-processes-per-node": args.cpu_processes_per_node, "--cpus-per-task": args.cpus_per_task,
+              "--max-running": args.max_running}
     for option, value in counts.items():
         if value is not None and value < 1:
             parser.error(f"{option} must be at least 1")
-    if args.nodes > 1 and args.gpus_per_node is None and args.npus_per_node is None:
-        parser.error("a CPU job runs one process on one node (multi-node CPU training needs MPI): "
-                     "drop --nodes or add --gpus-per-node / --npus-per-node")
+    if args.nodes > 1 and args.gpus_per_node is None and args.npus_per_node is None and not args.cpu_processes_per_node:
+        parser.error("a CPU job without --cpu-processes-per-node runs one process on one node: drop --nodes, or "
+                     "add --gpus-per-node / --npus-per-node, or --cpu-processes-per-node for DDP over gloo")
     if any("=" not in entry for entry in args.env):
         parser.error("--env takes NAME=VALUE")
     try:
@@ -121,7 +127,7 @@ def resources_from(args: argparse.Namespace) -> Resources:
     elif args.npus_per_node:
         device, count = "npu", args.npus_per_node
     else:
-        device, count = "cpu", 0
+        device, count = "cpu", args.cpu_processes_per_node or 0
     return Resources(args.nodes, device, count, args.cpus_per_task, args.partition, args.time,
                      args.account, args.qos, args.mem)
 
@@ -141,8 +147,9 @@ def load_task_recipes(args: argparse.Namespace, tasks: list[SweepTask], root: st
     return recipes
 
 
-def accelerate_config(args: argparse.Namespace, device: str) -> Optional[Path]:
-    path = args.accelerate_config or (Path(DEFAULT_ACCELERATE_CONFIG[device]) if device != "cpu" else None)
+def accelerate_config(args: argparse.Namespace, resources: Resources) -> Optional[Path]:
+    default = None if resources.single_cpu_process else Path(DEFAULT_ACCELERATE_CONFIG[resources.device])
+    path = args.accelerate_config or default
     if path is not None and not path.is_file():
         raise SlurmError(f"accelerate config {path} not found: pass --accelerate-config PATH")
     return path.resolve() if path is not None else None
@@ -167,8 +174,9 @@ def plan(args: argparse.Namespace) -> Submission:
         workdir=Path.cwd(),
         python=sys.executable,
         run_script=RUN_SCRIPT,
-        accelerate_config=accelerate_config(args, resources.device),
+        accelerate_config=accelerate_config(args, resources),
         signal_seconds=args.signal_time,
+        collective_timeout_s=max(recipe.training.collective_timeout_s for recipe in recipes),
         max_running=args.max_running,
         env=dict(entry.split("=", 1) for entry in args.env),
     )

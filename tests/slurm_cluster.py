@@ -1,4 +1,5 @@
-"""A real single-node Slurm cluster for the tests (slurmctld + slurmd + munge from Debian's packages).
+"""A real two-node Slurm cluster on this one machine for the tests (slurmctld, munge, and one slurmd per node,
+`slurmd -N node1` at 127.0.0.2 and `slurmd -N node2` at 127.0.0.3, from Debian's packages).
 
 `scripts/slurm/start-slurm.sh` installs and starts it once per session, in its own folder and on free ports;
 `scripts/slurm/stop-slurm.sh` stops it by the daemons' pid files. Test files use it with
@@ -24,6 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = REPO / "scripts" / "slurm"
 ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 JOB_FIELD = re.compile(r"(\w+)=(\S*)")
+NODES = ("node1", "node2")
 
 
 def why_no_cluster() -> Optional[str]:
@@ -39,6 +41,22 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def free_port_run(count: int) -> int:
+    """The first of `count` consecutive ports that are free now."""
+    while True:
+        first = free_port()
+        probes = [socket.socket() for _ in range(count - 1)]
+        try:
+            for offset, probe in enumerate(probes, start=1):
+                probe.bind(("127.0.0.1", first + offset))
+            return first
+        except OSError:
+            continue
+        finally:
+            for probe in probes:
+                probe.close()
 
 
 @dataclass
@@ -67,10 +85,10 @@ class SlurmCluster:
         return self.wait_until(job_id, lambda jobs: all(j["JobState"] in ENDED for j in jobs), timeout, "ended")
 
     def daemon_logs(self, lines: int = 80) -> str:
-        """The last `lines` of the controller's and the node daemon's logs: what a failed assertion on a job's
+        """The last `lines` of the controller's and the node daemons' logs: what a failed assertion on a job's
         end state shows, since the cluster's folder is removed at teardown."""
         shown = []
-        for daemon in ("slurmctld", "slurmd"):
+        for daemon in ("slurmctld", *(f"slurmd-{node}" for node in NODES)):
             path = self.base / "log" / f"{daemon}.log"
             text = path.read_text(errors="replace").splitlines() if path.is_file() else ["(no log)"]
             shown += [f"--- {path}:", *text[-lines:]]
@@ -78,8 +96,10 @@ class SlurmCluster:
 
 
 def start_cluster(base: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "SLURM_TEST_BASE": str(base),
-           "SLURMCTLD_PORT": str(free_port()), "SLURMD_PORT": str(free_port())}
+    # The node daemons listen on SLURMD_PORT and the ports after it: pick a run of free ones.
+    slurmd_port = free_port_run(len(NODES))
+    env = {**os.environ, "SLURM_TEST_BASE": str(base), "SLURM_NODES": str(len(NODES)),
+           "SLURMCTLD_PORT": str(free_port()), "SLURMD_PORT": str(slurmd_port)}
     return subprocess.run(["bash", str(SCRIPTS / "start-slurm.sh")], env=env, capture_output=True, text=True,
                           timeout=600)
 

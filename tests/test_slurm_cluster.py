@@ -156,7 +156,7 @@ def test_requests_the_cluster_cannot_hold_are_refused_before_submitting(slurm_cl
     cases = {
         ("--partition", "nosuch"): "partition 'nosuch' does not exist on this cluster; partitions: debug",
         ("--gpus-per-node", "1", "--accelerate-config", str(config)): "at most 0 GPU(s)",
-        ("--nodes", "2", "--gpus-per-node", "1", "--accelerate-config", str(config)): "partition 'debug' has 1 node(s)",
+        ("--nodes", "3", "--gpus-per-node", "1", "--accelerate-config", str(config)): "partition 'debug' has 2 node(s)",
         ("--cpus-per-task", "512"): "have at most",
     }
     for args, message in cases.items():

@@ -50,7 +50,8 @@ def assert_common_multi_node_lines(script: str, out_dir: Path, config: Path) -> 
         "#SBATCH --signal=B:USR1@300",
         f"#SBATCH --output={out_dir}/slurm/logs/%x-%j.out",
         f"#SBATCH --error={out_dir}/slurm/logs/%x-%j.err",
-        'export MAIN_HOST=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
+        'first_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
+        """export MAIN_HOST=$(scontrol show node -o "$first_node" | grep -o 'NodeAddr=[^ ]*' | cut -d= -f2)""",
         f"--config_file {config}",
         '--num_machines "$SLURM_NNODES"',
         '--machine_rank "$SLURM_NODEID"',
@@ -78,7 +79,7 @@ def test_two_node_gpu_script(capsys, tmp_path: Path, accelerate_config: Path):
                  "export NCCL_SOCKET_IFNAME=ib0"]
     for line in gpu_lines:
         assert line in script, f"missing {line!r}"
-    assert "ASCEND" not in script and "HCCL" not in script and "--array" not in script
+    assert "ASCEND" not in script and "HCCL" not in script and "#SBATCH --array" not in script
     assert not out_dir.exists(), "a dry run writes nothing"
 
 
@@ -90,7 +91,7 @@ def test_two_node_npu_script(capsys, tmp_path: Path, accelerate_config: Path):
     assert code == 0, err
     assert_common_multi_node_lines(script, out_dir, accelerate_config)
     npu_lines = ["#SBATCH --gres=npu:8", "export ASCEND_RT_VISIBLE_DEVICES=0,1,2,3,4,5,6,7",
-                 "export HCCL_CONNECT_TIMEOUT="]
+                 "export HCCL_CONNECT_TIMEOUT=", "export HCCL_EXEC_TIMEOUT=1800"]  # the recipe's collective timeout
     for line in npu_lines:
         assert line in script, f"missing {line!r}"
     assert "--gpus-per-node" not in script and "NCCL" not in script
@@ -139,10 +140,22 @@ def test_missing_sbatch_is_a_clear_error(capsys, tmp_path: Path, monkeypatch):
     assert not (tmp_path / "run").exists()
 
 
-def test_cpu_jobs_refuse_several_nodes(capsys, tmp_path: Path):
+def test_one_cpu_process_jobs_refuse_several_nodes(capsys, tmp_path: Path):
     with pytest.raises(SystemExit):
         submit_main([LLAMA_RECIPE, f"output.dir={tmp_path}", "--nodes", "2", "--dry-run"])
-    assert "multi-node CPU training needs MPI" in capsys.readouterr().err
+    assert "or --cpu-processes-per-node for DDP over gloo" in capsys.readouterr().err
+
+
+def test_cpu_process_jobs_launch_through_torchrun_with_a_cpu_group(capsys, tmp_path: Path, monkeypatch):
+    """Run for real on the 2-node test cluster in test_slurm_multi_node.py; here the lines that make it so."""
+    monkeypatch.chdir(REPO)
+    code, script, err = dry_run(capsys, LLAMA_RECIPE, f"output.dir={tmp_path}", "--nodes", "2",
+                                "--cpu-processes-per-node", "2", "--cpus-per-task", "8")
+    assert code == 0, err
+    for line in ["export ACCELERATE_USE_CPU=true", "export OMP_NUM_THREADS=4", "--num_processes 4",
+                 f"--config_file {REPO}/accelerate_configs/multi_node.yaml"]:
+        assert line in script, f"missing {line!r}"
+    assert "--cpu " not in script and "NCCL" not in script and "#SBATCH --gpus" not in script
 
 
 def test_sweep_specs_expand_to_their_product():

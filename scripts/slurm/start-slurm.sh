@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
-# start-slurm.sh -- install (Debian 12 packages) and start a single-node Slurm
-# test cluster (slurmctld + slurmd) without systemd, for the launcher's Slurm tests
+# start-slurm.sh -- install (Debian 12 packages) and start a Slurm test cluster
+# (slurmctld + one slurmd per node) without systemd, for the launcher's Slurm tests
 # (tests/slurm_cluster.py). Adapted from the team's shared notes; no accounting
 # daemon: the tests poll `scontrol show job`, they need no sacct.
 # Must run as root. Idempotent enough to be re-run after stop-slurm.sh.
+#
+# Several nodes on this one machine: one slurmd per node, started with `slurmd -N NAME`
+# (Debian's 22.05 build accepts several slurmd per host: each node has its own name,
+# loopback address 127.0.0.N+1, port, spool folder, pid and log file). Every node
+# declares all of this machine's CPUs and memory, so they oversubscribe it: fine for tests.
 #
 # Environment knobs:
 #   SLURM_TEST_BASE  where config, state, logs, pid files live  [/tmp/slurm-test/cluster]
@@ -12,6 +17,10 @@
 #   CLEAN_STATE      1 = wipe previous controller/node state (job ids restart at 1) [1]
 #   READY_TIMEOUT    seconds to wait for each daemon / the node [120]
 #   SLURMCTLD_PORT SLURMD_PORT                          [6817 6818]
+#   SLURM_NODES      nodes (slurmd daemons) to start          [1]
+#                    1: the node is this host's short name, at 127.0.0.1
+#                    N > 1: nodes node1..nodeN at 127.0.0.2..N+1, slurmd ports
+#                    SLURMD_PORT..SLURMD_PORT+N-1
 #
 # After it returns 0:   source "$SLURM_TEST_BASE/env.sh"   (exports SLURM_CONF)
 set -euo pipefail
@@ -23,6 +32,7 @@ CLEAN_STATE=${CLEAN_STATE:-1}
 READY_TIMEOUT=${READY_TIMEOUT:-120}
 SLURMCTLD_PORT=${SLURMCTLD_PORT:-6817}
 SLURMD_PORT=${SLURMD_PORT:-6818}
+NODES=${SLURM_NODES:-1}
 
 T0=$(date +%s%N)
 log() { local ms=$(( ($(date +%s%N) - T0) / 1000000 )); printf '[start-slurm %3d.%03ds] %s\n' $((ms/1000)) $((ms%1000)) "$*"; }
@@ -72,9 +82,9 @@ for b in slurmctld slurmd sbatch srun; do command -v $b >/dev/null || die "$b no
 
 # ---------------------------------------------------------------- 2. layout
 export SLURM_CONF=$BASE/etc/slurm.conf
-if pid_alive "$BASE/run/slurmctld.pid" || pid_alive "$BASE/run/slurmd.pid"; then
-  die "a cluster from $BASE is still running; run stop-slurm.sh first"
-fi
+for pidfile in "$BASE"/run/slurm*.pid; do
+  if pid_alive "$pidfile"; then die "a cluster from $BASE is still running; run stop-slurm.sh first"; fi
+done
 mkdir -p "$BASE"/{etc,log,run,state/ctld,state/d}
 if [ "$CLEAN_STATE" = 1 ]; then   # job ids restart at 1
   rm -rf "${BASE:?}"/state/ctld/* "${BASE:?}"/state/d/*
@@ -82,13 +92,19 @@ fi
 chown slurm:slurm "$BASE"/log "$BASE"/run "$BASE"/state/ctld
 
 HN=$(hostname -s)
+if [ "$NODES" = 1 ]; then
+  NODE_NAMES=("$HN"); NODE_ADDRS=(127.0.0.1)
+else
+  NODE_NAMES=(); NODE_ADDRS=()
+  for i in $(seq 1 "$NODES"); do NODE_NAMES+=("node$i"); NODE_ADDRS+=("127.0.0.$((i + 1))"); done
+fi
 HW=$(slurmd -C | sed -n 1p)
 hw() { echo "$HW" | tr ' ' '\n' | sed -n "s/^$1=//p"; }
 CPUS=$(hw CPUs); BOARDS=$(hw Boards); SPB=$(hw SocketsPerBoard)
 CPS=$(hw CoresPerSocket); TPC=$(hw ThreadsPerCore); MEM_SLURMD=$(hw RealMemory)
 MEM_FREE=$(free -m | awk '/^Mem:/{print $2}')
 MEM=$(( MEM_FREE < MEM_SLURMD ? MEM_FREE : MEM_SLURMD ))
-log "node $HN: CPUs=$CPUS Sockets=$SPB Cores/Socket=$CPS Threads/Core=$TPC RealMemory=$MEM"
+log "host $HN: CPUs=$CPUS Sockets=$SPB Cores/Socket=$CPS Threads/Core=$TPC RealMemory=$MEM; nodes: ${NODE_NAMES[*]}"
 
 if [ "$AUTH" = munge ]; then
   AUTHTYPE=auth/munge; CREDTYPE=cred/munge
@@ -113,19 +129,23 @@ ReturnToService=2
 SlurmctldPort=$SLURMCTLD_PORT
 SlurmdPort=$SLURMD_PORT
 StateSaveLocation=$BASE/state/ctld
-SlurmdSpoolDir=$BASE/state/d
+SlurmdSpoolDir=$BASE/state/d/%n
 SlurmctldPidFile=$BASE/run/slurmctld.pid
-SlurmdPidFile=$BASE/run/slurmd.pid
+SlurmdPidFile=$BASE/run/slurmd-%n.pid
 SlurmctldLogFile=$BASE/log/slurmctld.log
-SlurmdLogFile=$BASE/log/slurmd.log
+SlurmdLogFile=$BASE/log/slurmd-%n.log
 SlurmctldDebug=info
 SlurmdDebug=info
 MailProg=/bin/true
 AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
-NodeName=$HN NodeAddr=127.0.0.1 NodeHostname=$HN CPUs=$CPUS Boards=$BOARDS SocketsPerBoard=$SPB CoresPerSocket=$CPS ThreadsPerCore=$TPC RealMemory=$MEM State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 EOF
+for i in "${!NODE_NAMES[@]}"; do
+  echo "NodeName=${NODE_NAMES[$i]} NodeAddr=${NODE_ADDRS[$i]} NodeHostname=$HN Port=$((SLURMD_PORT + i))" \
+       "CPUs=$CPUS Boards=$BOARDS SocketsPerBoard=$SPB CoresPerSocket=$CPS ThreadsPerCore=$TPC RealMemory=$MEM" \
+       "State=UNKNOWN" >> "$SLURM_CONF"
+done
 echo "export SLURM_CONF=$SLURM_CONF" > "$BASE/env.sh"
 
 # ---------------------------------------------------------------- 3. munge
@@ -152,23 +172,29 @@ fi
 # ---------------------------------------------------------------- 4. slurmctld + slurmd
 slurmctld                     # daemonizes, drops privileges to SlurmUser=slurm
 wait_for "slurmctld" sh -c 'scontrol ping | grep -q "is UP"'
-slurmd                        # daemonizes, runs as root
-node_idle() { [ "$(sinfo -h -n "$HN" -o %T 2>/dev/null)" = idle ]; }
+for node in "${NODE_NAMES[@]}"; do
+  mkdir -p "$BASE/state/d/$node"
+  slurmd -N "$node"           # daemonizes, runs as root
+done
+NODE_LIST=$(IFS=,; echo "${NODE_NAMES[*]}")
+all_idle() { [ "$(sinfo -h -N -n "$NODE_LIST" -o %T 2>/dev/null | sort -u)" = idle ]; }
 deadline=$(( $(date +%s) + READY_TIMEOUT ))
-until node_idle; do
-  st=$(sinfo -h -n "$HN" -o '%T' 2>/dev/null || true)
-  case "$st" in
-    drain*|down*) log "node is $st ($(sinfo -h -n "$HN" -o %E)); resuming"
-                  scontrol update NodeName="$HN" State=RESUME || true ;;
-  esac
-  [ "$(date +%s)" -lt "$deadline" ] || die "node never became idle (state: $st); see $BASE/log/"
+until all_idle; do
+  for node in "${NODE_NAMES[@]}"; do
+    st=$(sinfo -h -N -n "$node" -o '%T' 2>/dev/null || true)
+    case "$st" in
+      drain*|down*) log "node $node is $st ($(sinfo -h -N -n "$node" -o %E)); resuming"
+                    scontrol update NodeName="$node" State=RESUME || true ;;
+    esac
+  done
+  [ "$(date +%s)" -lt "$deadline" ] || die "nodes never all became idle: $(sinfo -h -N -o '%N=%T' | tr '\n' ' ')see $BASE/log/"
   sleep 0.2
 done
-log "node $HN idle"
+log "nodes $NODE_LIST idle"
 
 # ---------------------------------------------------------------- 5. smoke test
 # (poll scontrol ourselves: `sbatch --wait` polls with growing sleeps, 2 s, 4 s, ...)
-jid=$(cd "$BASE" && sbatch --parsable -n2 -t 1 -o /dev/null -J smoke --wrap 'srun -n2 true') \
+jid=$(cd "$BASE" && sbatch --parsable -N "$NODES" -n2 -t 1 -o /dev/null -J smoke --wrap 'srun -n2 true') \
   || die "sbatch of smoke-test job failed"
 deadline=$(( $(date +%s) + READY_TIMEOUT ))
 while :; do
@@ -180,5 +206,5 @@ while :; do
   [ "$(date +%s)" -lt "$deadline" ] || die "smoke job $jid still $st after ${READY_TIMEOUT}s"
   sleep 0.2
 done
-log "smoke job $jid (sbatch -n2 + srun) completed"
+log "smoke job $jid (sbatch -N $NODES -n2 + srun) completed"
 log "READY. Use: source $BASE/env.sh   (SLURM_CONF=$SLURM_CONF)"

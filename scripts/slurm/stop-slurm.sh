@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # stop-slurm.sh -- stop the cluster started by start-slurm.sh.
-# Cancels all jobs, then stops slurmd, slurmctld and (only
+# Cancels all jobs, then stops each slurmd, slurmctld and (only
 # if start-slurm.sh started it) munged -- each by the PID in its pid file,
 # never by process name. Packages stay installed; state/logs stay in $SLURM_TEST_BASE.
 set -uo pipefail
@@ -40,7 +40,11 @@ if [ -s "$BASE/run/slurmctld.pid" ] && kill -0 "$(cat "$BASE/run/slurmctld.pid")
 fi
 
 # 2. daemons, reverse start order
-stop_pid slurmd    "$BASE/run/slurmd.pid"    slurmd
+for pidfile in "$BASE"/run/slurmd-*.pid; do   # one per node (slurmd -N NAME)
+  [ -e "$pidfile" ] || continue
+  node=${pidfile##*/slurmd-}
+  stop_pid "slurmd ${node%.pid}" "$pidfile" slurmd
+done
 stop_pid slurmctld "$BASE/run/slurmctld.pid" slurmctld
 if [ -s "$BASE/run/munged.ours" ]; then
   stop_pid munged "$BASE/run/munged.ours" munged

@@ -1,0 +1,172 @@
+"""One training job across the two nodes of the real Slurm cluster the `slurm_cluster` fixture starts on this
+machine (node1 at 127.0.0.2, node2 at 127.0.0.3, each its own slurmd): `launcher.submit --nodes 2
+--cpu-processes-per-node 1` runs one `srun` task per node, each an `accelerate launch` of its node's rank with
+the rendezvous the script derives from Slurm, DDP over gloo on loopback.
+
+- the 2-node job trains the model one process trains at the same global batch (within 1e-5, as on one node);
+- a preemption warning reaches the ranks on both nodes, one checkpoint is written, the job requeues, resumes
+  on both nodes and ends bit-identical to an uninterrupted 2-node job;
+- a node's processes are SIGKILLed mid-run: the job ends within the collective timeout with an error that says
+  what to do, and a resubmission with output.resume_from=auto ends bit-identical to the uninterrupted job.
+
+Each run goes through tests/rank_harness.py (launcher/run.py plus a record per rank of its node, pid and the
+stop signals it received).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+import launcher.submit
+from builders import sentiment_rows, write_csv
+from conftest import run_cli, tiny_recipe, write_recipe
+from faults import assert_same_weights, final_weights, train_records
+from launcher.run_directory import read_run_summary
+from rank_harness import read_ranks
+from slurm_cluster import NODES, SlurmCluster, slurm_cluster  # noqa: F401  (the fixture)
+from test_slurm_cluster import SUBMITTED, log_text, release_requeued_job, wait_for_training
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+HARNESS = Path(__file__).resolve().with_name("rank_harness.py")
+TOLERANCE = 1e-5
+STEPS = 80  # 640 rows, global batch 8: long enough for a signal or a kill to land mid-training
+TWO_NODES = ("--nodes", "2", "--cpu-processes-per-node", "1", "--env", "GLOO_SOCKET_IFNAME=lo")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return write_csv(tmp_path_factory.mktemp("multi_node") / "train.csv", sentiment_rows(640, seed=0))
+
+
+def run_recipe(assets, data: Path, folder: Path, per_device: int, accumulation: int, **output) -> Path:
+    recipe = tiny_recipe(assets, folder / "out", "bert_no_dropout", data={"train_file": str(data)},
+                         training={"epochs": 1, "per_device_batch_size": per_device,
+                                   "gradient_accumulation_steps": accumulation, "collective_timeout_s": 20},
+                         output={"save_every_epoch": False, **output})
+    return write_recipe(folder / "recipe.yaml", recipe)
+
+
+def submit_two_nodes(recipe: Path, *args: str) -> str:
+    """`python -m launcher.submit RECIPE --nodes 2 --cpu-processes-per-node 1 ...` in this process, each rank run
+    through the harness; returns the job id it printed."""
+    out, err = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as monkeypatch, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        monkeypatch.setattr(launcher.submit, "RUN_SCRIPT", HARNESS)
+        code = launcher.submit.main([str(recipe), "--cpus-per-task", "1", *TWO_NODES, *args])
+    assert code == 0, err.getvalue()
+    return SUBMITTED.search(out.getvalue()).group(1)
+
+
+def assert_completed(cluster: SlurmCluster, job_id: str, run_dir: Path, timeout: float = 240) -> dict:
+    (job,) = cluster.wait_ended(job_id, timeout=timeout)
+    assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), (
+        f"{job}\n{log_text(run_dir)[-3000:]}\n{log_text(run_dir, '.err')[-3000:]}\n{cluster.daemon_logs()}")
+    return job
+
+
+def assert_one_rank_per_node(run_dir: Path, restart: int = 0) -> None:
+    ranks = read_ranks(run_dir, restart)
+    assert [(r["rank"], r["node"]) for r in ranks] == [(0, NODES[0]), (1, NODES[1])], ranks
+
+
+@pytest.fixture(scope="module")
+def two_node_reference(slurm_cluster: SlurmCluster, assets, data, tmp_path_factory) -> Path:
+    """The uninterrupted 2-node job: 4 per process x 2 processes, on node1 and node2."""
+    folder = tmp_path_factory.mktemp("two_node_reference")
+    job_id = submit_two_nodes(run_recipe(assets, data, folder, per_device=4, accumulation=1))
+    run_dir = folder / "out"
+    job = assert_completed(slurm_cluster, job_id, run_dir)
+    assert job["NodeList"] == "node[1-2]" and job["NumNodes"] == "2"
+    return run_dir
+
+
+def test_two_node_job_trains_the_one_process_model(two_node_reference: Path, assets, data, tmp_path):
+    one_process = run_recipe(assets, data, tmp_path, per_device=4, accumulation=2)
+    result = run_cli(str(one_process))
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    assert_one_rank_per_node(two_node_reference)
+    log = log_text(two_node_reference)
+    assert re.search(r"main 127\.0\.0\.2:\d+:", log), "rendezvous at node1's address"
+    assert "global batch : 8 = " in log and "x 2 process(es)" in log
+    two_nodes, one = train_records(two_node_reference), train_records(tmp_path / "out")
+    assert len(two_nodes) == STEPS
+    assert [two_nodes[s]["loss"] for s in sorted(two_nodes)] == pytest.approx(
+        [one[s]["loss"] for s in sorted(one)], rel=0, abs=TOLERANCE)
+    expected, got = final_weights(tmp_path / "out"), final_weights(two_node_reference)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert (got[name] - expected[name]).abs().max() <= TOLERANCE, name
+
+
+def test_preemption_across_nodes_checkpoints_once_requeues_and_ends_like_an_uninterrupted_job(
+        slurm_cluster: SlurmCluster, two_node_reference: Path, assets, data, tmp_path):
+    run_dir = tmp_path / "out"
+    job_id = submit_two_nodes(run_recipe(assets, data, tmp_path, per_device=4, accumulation=1))
+    wait_for_training(run_dir)
+
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], check=True)
+    slurm_cluster.wait_until(job_id, lambda jobs: jobs[0]["Restarts"] == "1" and jobs[0]["JobState"] == "PENDING",
+                             120, "requeued")
+    release_requeued_job(job_id, requeued_by=time.time())
+    job = assert_completed(slurm_cluster, job_id, run_dir)
+    assert job["NodeList"] == "node[1-2]"
+
+    stopped = read_ranks(run_dir, restart=0)
+    assert [(r["node"], "SIGUSR1" in r["signals"]) for r in stopped] == [(NODES[0], True), (NODES[1], True)], stopped
+    assert_one_rank_per_node(run_dir, restart=1)
+    log = log_text(run_dir)
+    stopped_at = int(re.search(r"stopped by SIGUSR1 at optimizer step (\d+); checkpoint written", log).group(1))
+    assert 0 < stopped_at < STEPS
+    assert f"job {job_id}, restart 1" in log and f"resumed at optimizer step {stopped_at}" in log
+    checkpoints = sorted(path.name for path in (run_dir / "checkpoints").glob("step-*"))
+    assert checkpoints == [f"step-{stopped_at:08d}"], "exactly one checkpoint: the one the warning asked for"
+    assert read_run_summary(run_dir)["optimizer_steps"] == STEPS
+    assert_same_weights(final_weights(two_node_reference), final_weights(run_dir))
+
+
+def wait_for_step(run_dir: Path, step: int, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while step not in (train_records(run_dir) if (run_dir / "metrics.jsonl").is_file() else {}):
+        assert time.monotonic() < deadline, f"{run_dir} did not reach step {step} in {timeout} s"
+        time.sleep(0.05)
+
+
+def test_a_node_that_dies_ends_the_job_with_an_actionable_error_and_a_resubmission_loses_nothing(
+        slurm_cluster: SlurmCluster, two_node_reference: Path, assets, data, tmp_path):
+    run_dir = tmp_path / "out"
+    recipe = run_recipe(assets, data, tmp_path, per_device=4, accumulation=1, save_every_steps=10)
+    job_id = submit_two_nodes(recipe)
+    wait_for_step(run_dir, 25)
+
+    # node2 dies: its training process and the accelerate launch that started it, at once, by SIGKILL.
+    (node2_rank,) = [rank for rank in read_ranks(run_dir, 0) if rank["node"] == NODES[1]]
+    for pid in (node2_rank["pid"], node2_rank["parent"]):
+        os.kill(pid, signal.SIGKILL)
+    killed_at = time.monotonic()
+    (job,) = slurm_cluster.wait_ended(job_id, timeout=120)
+    waited = time.monotonic() - killed_at
+
+    assert job["JobState"] == "FAILED", job
+    assert waited < 20 + 15, f"the job ended {waited:.0f} s after node2 died (collective timeout 20 s)"
+    errors = log_text(run_dir, ".err")
+    assert re.search(r"error: the training step failed \(exit \d+\) on node\[1-2\]", errors), errors[-3000:]
+    assert f"submit again and the run resumes from the latest one: sbatch {run_dir}/slurm/job.sbatch" in errors
+    last_checkpoint = max(int(path.name.split("-")[1]) for path in (run_dir / "checkpoints").glob("step-*"))
+    assert last_checkpoint >= 20
+
+    resubmitted = submit_two_nodes(recipe, "output.resume_from=auto")
+    assert_completed(slurm_cluster, resubmitted, run_dir)
+    assert f"resumed at optimizer step {last_checkpoint}" in log_text(run_dir)
+    assert read_run_summary(run_dir)["optimizer_steps"] == STEPS
+    assert_same_weights(final_weights(two_node_reference), final_weights(run_dir))
