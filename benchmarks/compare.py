@@ -49,6 +49,7 @@ class Variant:
     overrides: tuple[str, ...] = ()
     env: tuple[tuple[str, str], ...] = ()
     needs: Optional[str] = None  # "bf16", "cpu" or "packing": skipped where the hardware or the model lacks it
+    script: Optional[str] = None  # entry point relative to the repository root; default launcher/run.py
 
 
 VARIANTS = (
@@ -63,8 +64,13 @@ VARIANTS = (
     Variant("launcher_system_malloc", "glibc's default allocator thresholds (training.reuse_host_memory=false)",
             overrides=("training.reuse_host_memory=false",), needs="cpu"),
     Variant("launcher_1_thread", "one intra-op thread (OMP_NUM_THREADS=1)", env=(("OMP_NUM_THREADS", "1"),), needs="cpu"),
+    # The loop change proposed in benchmarks/device/deferred_sync.py, measured before launcher/training.py takes it.
+    Variant("launcher_deferred_sync", "counters read back to the host every 10 steps, not every step",
+            env=(("DEFERRED_SYNC_EVERY", "10"),), script="benchmarks/device/deferred_sync.py"),
+    Variant("launcher_deferred_sync_pinned", "as launcher_deferred_sync, and pinned batches copied without blocking",
+            env=(("DEFERRED_SYNC_EVERY", "10"), ("DEFERRED_SYNC_PINNED", "1")), script="benchmarks/device/deferred_sync.py"),
 )
-DEFAULT_VARIANTS = tuple(v.name for v in VARIANTS if v.name != "launcher_compile")
+DEFAULT_VARIANTS = tuple(v.name for v in VARIANTS if v.name != "launcher_compile" and not v.script)
 
 
 @dataclass(frozen=True)
@@ -156,7 +162,8 @@ def command_for(plan: Plan, variant: Variant, out: Path) -> list[str]:
         "output.save_every_epoch=false", "output.save_every_steps=null", "evaluation.every_steps=null",
         "training.log_every_steps=1", f"training.max_steps={plan.steps(plan.processes)}",
     )
-    return [*plan.launch, str(RUN_PY), plan.recipe_path, *plan.overrides, *variant.overrides, *measurement]
+    script = REPO / variant.script if variant.script else RUN_PY
+    return [*plan.launch, str(script), plan.recipe_path, *plan.overrides, *variant.overrides, *measurement]
 
 
 def token_lengths(plan: Plan, variant: Variant) -> dict[str, Any]:

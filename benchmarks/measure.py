@@ -98,3 +98,10 @@ def ratios(summary: dict[str, Any], baseline: dict[str, Any]) -> dict[str, float
     if "accuracy" in summary and "accuracy" in baseline:
         result["accuracy_delta"] = summary["accuracy"]["median"] - baseline["accuracy"]["median"]
     return result
+
+
+def lora_adjusted_flops_per_s(summary: dict[str, Any], frozen_non_embedding: int, adapters: int) -> float:
+    """Median model FLOP/s recounted for LoRA: frozen weights get no weight gradient (4 FLOPs per token and
+    weight instead of 6), and the adapters' own weights, absent from the base model's N, get all 6."""
+    real_tokens_per_s = summary["real_tokens_per_s"]["median"]
+    return summary["model_flops_per_s"]["median"] - (2 * frozen_non_embedding - 6 * adapters) * real_tokens_per_s

@@ -1,0 +1,174 @@
+"""The kit's measurements (stage `benchmarks` of benchmarks/device/run.sh): builds the models and data
+(benchmarks/device/assets.py) and runs `benchmarks.compare` twice, a BERT-base classifier at seq 128 in bf16
+against both tutorial baselines and the deferred-sync loop variants, and a Llama-3-8B-shaped classifier with
+LoRA in bf16 at seq 512. Each launcher variant's result gains the memory plan of its recipe (what
+`launcher/run.py RECIPE --check` prints, from `launcher.memory_plan`) against the measured allocator peak, and,
+with LoRA, the FLOP count without the frozen weights' gradients beside the 6N one.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from benchmarks.compare import BASELINES, VARIANTS
+from benchmarks.compare import main as compare_main
+from benchmarks.device import assets
+from benchmarks.measure import lora_adjusted_flops_per_s
+from launcher.flops import count_non_embedding_parameters, model_flops_utilization, peak_bf16_flops
+from launcher.memory_plan import Topology, estimate_memory, measure_model, model_config
+from launcher.modeling import apply_lora
+from launcher.recipe_loader import load_recipe
+from launcher.tasks import TASKS
+
+# Seconds a benchmark needs after its start, past which it is skipped rather than cut (the machine's start-up
+# and the tests come first; these keep the whole command inside its 8 minutes).
+NEEDED_SECONDS = {"bert": 100, "llama": 150}
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """One `benchmarks.compare` invocation of the kit."""
+
+    name: str
+    kind: str  # assets builder: bert or llama
+    recipe: str
+    overrides: tuple[str, ...]
+    variants: tuple[str, ...]
+    samples: int
+    eval_samples: int
+    warmup_steps: int
+    num_labels: int
+    length_words: Callable
+    note: str
+
+
+def benchmarks_for(smoke: bool, work: Path) -> list[Benchmark]:
+    """The real measurement, or the same runs at toy sizes (CI): same recipes, variants, files and code."""
+    bert_batch, llama_batch = (8, 4) if smoke else (64, 8)
+    bert_steps, llama_steps = (6, 4) if smoke else (150, 40)
+    common = ("data.dataset=null", "data.train_samples=null", "data.eval_samples=null", "training.precision=bf16",
+              "training.gradient_accumulation_steps=1", "training.warmup_ratio=0.1", "evaluation.metrics=[accuracy]")
+    return [
+        Benchmark(
+            "bert-base-seq128", "bert", "recipes/yelp_bert.yaml",
+            (*common, f"model.name_or_path={work / 'bert'}", f"data.train_file={work / 'bert-data' / 'train.csv'}",
+             f"data.eval_file={work / 'bert-data' / 'eval.csv'}", "data.max_length=128", "data.group_by_length=true",
+             f"training.per_device_batch_size={bert_batch}", "training.lr=1e-4"),
+            # Pinned batches change nothing on a CPU: the smoke mode leaves that variant out.
+            ("tutorial_max_length", "tutorial_dynamic", "launcher_default", "launcher_deferred_sync",
+             *(() if smoke else ("launcher_deferred_sync_pinned",))),
+            bert_batch * bert_steps, 1000 if not smoke else 32, 10 if not smoke else 2, 5,
+            assets.review_like(median=110, cap=600),
+            "BERT-base shape (110M), random weights; review-like lengths (median 110 words, log-normal), truncated at 128",
+        ),
+        Benchmark(
+            "llama3-8b-lora-seq512", "llama", "recipes/llama3_yelp_lora.yaml",
+            (*common, f"model.name_or_path={work / 'llama'}", f"data.train_file={work / 'llama-data' / 'train.csv'}",
+             f"data.eval_file={work / 'llama-data' / 'eval.csv'}", "data.max_length=512", "model.gradient_checkpointing=false",
+             "model.attn_implementation=sdpa", "lora.merge_on_save=false", f"training.per_device_batch_size={llama_batch}"),
+            ("launcher_default",),
+            llama_batch * llama_steps, 64 if not smoke else 16, 10 if not smoke else 1, 5,
+            assets.at_least(512),
+            "Llama-3-8B shape (8.0B), random bf16 weights, LoRA r 16 on q/k/v/o; every text fills 512 tokens; "
+            "gradient checkpointing off (the H200 holds the activations)",
+        ),
+    ]
+
+
+def prepare(benchmark: Benchmark, work: Path, smoke: bool) -> None:
+    started = time.perf_counter()
+    model = assets.build_model(benchmark.kind, work / benchmark.kind, smoke)
+    vocab_size = model_config(str(model))[0].vocab_size
+    assets.write_data(work / f"{benchmark.kind}-data", benchmark.samples, benchmark.eval_samples, benchmark.num_labels,
+                      benchmark.length_words, vocab_size)
+    print(f"[kit] {benchmark.name}: model and data ready in {time.perf_counter() - started:.1f} s", flush=True)
+
+
+def lora_parameters(recipe) -> dict[str, int]:
+    """Non-embedding parameters that are frozen, and those the adapters add (built on the meta device, as
+    `launcher.memory_plan.measure_model` builds the recipe's model)."""
+    config = model_config(recipe.model.name_or_path)[0]
+    config.num_labels = recipe.task.num_labels
+    task = TASKS[recipe.task.type]
+    with torch.device("meta"):
+        base = task.model_class.from_config(config)
+        base_parameters = count_non_embedding_parameters(base)
+        model = apply_lora(base, recipe.lora, task.peft_task_type)
+    embedding = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad and id(p) not in embedding)
+    return {"frozen_non_embedding": frozen, "adapters": count_non_embedding_parameters(model) - base_parameters}
+
+
+def memory_plan(recipe) -> dict[str, Any]:
+    """What `launcher/run.py RECIPE --check` plans for one device, component by component."""
+    estimate = estimate_memory(measure_model(recipe), Topology("single", 1), recipe)
+    return {"device_bytes": estimate.device_bytes, "total_bytes": estimate.device_total}
+
+
+def annotate(result_path: Path, benchmark: Benchmark) -> dict[str, Any]:
+    """Add the memory plan and, for LoRA, the adjusted FLOP count to each launcher variant of a compare result."""
+    result = json.loads(result_path.read_text())
+    peak = peak_bf16_flops(result["machine"]["device_name"])
+    for variant in result["variants"]:
+        if variant["name"] in BASELINES or "summary" not in variant:
+            continue
+        recipe = load_recipe(result["settings"]["recipe_path"], [*result["settings"]["overrides"],
+                                                                  *variant_overrides(variant["name"])])
+        plan = memory_plan(recipe)
+        kit: dict[str, Any] = {"memory_plan": plan}
+        measured = variant["summary"].get("peak_device_memory_bytes", {}).get("median")
+        if measured:
+            kit["memory_plan_error"] = plan["total_bytes"] / measured - 1
+        if recipe.lora.enabled:
+            counts = lora_parameters(recipe)
+            adjusted = lora_adjusted_flops_per_s(variant["summary"], counts["frozen_non_embedding"], counts["adapters"])
+            kit["lora_flops"] = {
+                "convention": "6N counts a weight gradient for every weight (papers' convention); the adjusted count "
+                              "drops the frozen weights' (4N_frozen + 6N_trainable + attention)",
+                **counts, "model_flops_per_s_6n": variant["summary"]["model_flops_per_s"]["median"],
+                "model_flops_per_s_adjusted": adjusted,
+                "mfu_6n": variant["summary"].get("mfu", {}).get("median"),
+                "mfu_adjusted": model_flops_utilization(adjusted, peak),
+            }
+        variant["kit"] = kit
+    result["kit_note"] = benchmark.note
+    result_path.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def variant_overrides(name: str) -> tuple[str, ...]:
+    return next(v.overrides for v in VARIANTS if v.name == name)
+
+
+def run_benchmarks(out: Path, work: Path, smoke: bool, deadline: float) -> int:
+    failures = 0
+    for benchmark in benchmarks_for(smoke, work):
+        left = deadline - time.time()
+        if not smoke and left < NEEDED_SECONDS[benchmark.kind]:
+            print(f"[kit] {benchmark.name}: skipped, {left:.0f} s left of the time guard "
+                  f"(needs about {NEEDED_SECONDS[benchmark.kind]} s)", flush=True)
+            (out / f"{benchmark.name}.skipped").write_text(f"{left:.0f} s left of the time guard\n")
+            continue
+        try:
+            prepare(benchmark, work, smoke)
+            code = compare_main([
+                benchmark.recipe, *benchmark.overrides, "--samples", str(benchmark.samples), "--repeats", "1",
+                "--warmup-steps", str(benchmark.warmup_steps), "--variants", ",".join(benchmark.variants),
+                "--name", benchmark.name, "--results-dir", str(out), "--work-dir", str(work / "runs"),
+                "--timeout", str(max(30.0, deadline - time.time())),
+            ])
+        except Exception:  # noqa: BLE001  one benchmark's failure must not cost the other's results
+            (out / f"{benchmark.name}.failed").write_text(traceback.format_exc())
+            print(f"[kit] {benchmark.name} failed:\n{traceback.format_exc()}", flush=True)
+            code = 1
+        failures += code != 0
+        if (out / f"{benchmark.name}.json").exists():
+            annotate(out / f"{benchmark.name}.json", benchmark)
+    return 1 if failures else 0
