@@ -12,8 +12,9 @@ other kind of step; a decoder LoRA run ended predicting that class only, where t
 `label_mixed_length_grouped_order` keeps the label mix in every batch (each class's share, rounded down or up) and
 groups lengths within each class: batch k of a megabatch holds the k-th shortest slice of every class. Where length
 predicts the label every batch then pads to its long minority example, which is the price of the mix (synthetic
-set: 42% padding against 4.5% for plain grouping and 50% in random order); where it does not, it pads about as
-little as plain grouping (5.4% against 4.4%).
+set: 42% padding against 4.5% for plain grouping and 50% in random order; SMS-like messages where every spam is
+longer than every ham: 54% against 8% and 50%, so no saving over random order there); where length does not
+predict the label, it pads about as little as plain grouping (5.4% against 4.4%).
 """
 
 from __future__ import annotations
