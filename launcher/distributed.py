@@ -16,6 +16,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, GradientAccumulationPlugin, InitProcessGroupKwargs, ProjectConfiguration
 
 from launcher.devices import DeviceInfo
+from launcher.fsdp import complete_fsdp_on_cpu
 from launcher.recipe import Precision, Recipe, TrainingSection
 from launcher.reporting import tracker_for
 
@@ -62,6 +63,7 @@ def build_accelerator(recipe: Recipe, precision: Precision, device: DeviceInfo) 
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "tensorboard")),
         step_scheduler_with_optimizer=False,
     )
+    complete_fsdp_on_cpu(accelerator)
     check_one_training_group(accelerator, world_size, device)
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         plugin = accelerator.state.deepspeed_plugin
