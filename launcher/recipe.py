@@ -7,7 +7,7 @@ types are rejected at every depth; cross-field rules live here, once, not in the
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union, get_args
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationInfo, field_validator, model_validator
 
@@ -27,8 +27,9 @@ class Section(BaseModel):
     @classmethod
     def _booleans_only_where_booleans_belong(cls, value: Any, info: ValidationInfo) -> Any:
         """pydantic's lax mode reads `true` as the number 1 and `yes` / 1 as true: in a recipe both are mistakes."""
-        wants_bool = cls.model_fields[info.field_name].annotation is bool
-        if wants_bool and not isinstance(value, bool):
+        annotation = cls.model_fields[info.field_name].annotation
+        wants_bool = annotation is bool or bool in get_args(annotation)  # `bool` or `Optional[bool]`
+        if wants_bool and not isinstance(value, bool) and not (value is None and annotation is not bool):
             raise ValueError("must be true or false")
         if isinstance(value, bool) and not wants_bool:
             raise ValueError("true/false is not a valid value here")

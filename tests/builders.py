@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import csv
+import json
 import random
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import BertConfig, BertModel, BertTokenizerFast, LlamaConfig, LlamaModel, PreTrainedTokenizerFast
+from transformers import BertConfig, BertModel, BertTokenizerFast, LlamaConfig, LlamaForCausalLM, LlamaModel, PreTrainedTokenizerFast
 
 POSITIVE = ["good", "great", "fine", "lovely", "superb", "fun", "moving", "smart"]
 NEGATIVE = ["bad", "awful", "dull", "boring", "weak", "poor", "messy", "flat"]
@@ -32,21 +33,31 @@ def build_tiny_bert(folder: Path, dropout: float = 0.1) -> Path:
     return folder
 
 
-def build_tiny_llama(folder: Path) -> Path:
-    """A 2-layer Llama (hidden 32, GQA 4/2 heads) with a word-level tokenizer that has EOS but no pad token."""
+# A chat template in the shape of the common ones (role markers, an end-of-turn token after each message).
+CHAT_MARKERS = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <|end|> {% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|> {% endif %}"
+)
+
+
+def build_tiny_llama(folder: Path, chat: bool = False) -> Path:
+    """A 2-layer Llama (hidden 32, GQA 4/2 heads) with a word-level tokenizer that has EOS but no pad token;
+    with `chat`, role markers as special tokens and a chat template (a tiny instruct model)."""
     folder.mkdir(parents=True, exist_ok=True)
-    vocab = {token: i for i, token in enumerate(["<unk>", "<s>", "</s>", *WORDS])}
+    vocab = {token: i for i, token in enumerate(["<unk>", "<s>", "</s>", *WORDS, *(CHAT_MARKERS if chat else [])])}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>", model_max_length=128
+        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>", model_max_length=128,
+        **({"additional_special_tokens": CHAT_MARKERS, "chat_template": TINY_CHAT_TEMPLATE} if chat else {}),
     )
     config = LlamaConfig(
         vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
     )
     torch.manual_seed(0)
-    LlamaModel(config).save_pretrained(folder)
+    (LlamaForCausalLM if chat else LlamaModel)(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 
@@ -71,6 +82,27 @@ def sentiment_rows(n: int, seed: int, pair: bool = False) -> list[dict]:
         else:
             rows.append({"idx": i, "text": sentence(first), "label": int(first)})
     return rows
+
+
+def sft_rows(n: int, seed: int) -> list[dict]:
+    """Prompt / completion / chat rows whose trained parts differ a lot in length (1 to 12 words): the completion
+    repeats the sentiment of the prompt, so the task is learnable."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        positive = rng.random() < 0.5
+        prompt = " ".join(rng.choice(FILLER) for _ in range(rng.randint(2, 8))) + " " + rng.choice(POSITIVE if positive else NEGATIVE)
+        completion = " ".join(rng.choice(POSITIVE if positive else NEGATIVE) for _ in range(rng.choice([1, 2, 12])))
+        # As in prompt / completion datasets, the completion carries its separator from the prompt.
+        rows.append({"prompt": prompt, "completion": " " + completion, "label": "positive" if positive else "negative",
+                     "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
 
 
 def write_csv(path: Path, rows: list[dict]) -> Path:

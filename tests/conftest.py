@@ -15,7 +15,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from builders import build_tiny_bert, build_tiny_llama, sentiment_rows, write_csv  # noqa: E402
+from builders import build_tiny_bert, build_tiny_llama, sentiment_rows, sft_rows, write_csv, write_jsonl  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -24,7 +24,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def assets(tmp_path_factory) -> dict[str, Path]:
-    """Tiny models (BERT with/without dropout, Llama without a pad token) and sentiment CSVs, built once."""
+    """Tiny models (BERT with/without dropout, Llama without a pad token, a chat Llama) and data, built once."""
     root = tmp_path_factory.mktemp("assets")
     return {
         "bert": build_tiny_bert(root / "bert"),
@@ -34,6 +34,9 @@ def assets(tmp_path_factory) -> dict[str, Path]:
         "eval_csv": write_csv(root / "eval.csv", sentiment_rows(32, seed=1)),
         "pair_train_csv": write_csv(root / "pair_train.csv", sentiment_rows(64, seed=2, pair=True)),
         "pair_eval_csv": write_csv(root / "pair_eval.csv", sentiment_rows(32, seed=3, pair=True)),
+        "chat_llama": build_tiny_llama(root / "chat_llama", chat=True),
+        "sft_train": write_jsonl(root / "sft_train.jsonl", sft_rows(64, seed=4)),
+        "sft_eval": write_jsonl(root / "sft_eval.jsonl", sft_rows(16, seed=5)),
     }
 
 

@@ -30,7 +30,7 @@ from transformers.utils import ModelOutput
 from launcher.data import DataError, LabelSpace, Splits, labelled_text_columns, resolve_labels
 from launcher.metrics import compute_metrics
 from launcher.tasks.base import Batch, Collator, Task
-from launcher.tasks.sft_text import IGNORE, Rendered, TextRenderer, check_messages, tokenize
+from launcher.tasks.sft_text import IGNORE, Rendered, TextRenderer, Tokenized, check_messages, tokenize
 
 
 @dataclass
@@ -41,6 +41,8 @@ class TrainedTokenOutput(ModelOutput):
     """Mean cross-entropy over the trained tokens."""
     token_losses: Optional[torch.Tensor] = None
     """Cross-entropy of each trained token (fp32), in row-major order of `selected`."""
+    logits: Optional[torch.Tensor] = None
+    """The LM head's fp32 logits at the trained tokens only, in the same order."""
     selected: Optional[torch.Tensor] = None
     """Where the trained tokens are: a bool mask shaped like `input_ids`."""
 
@@ -66,7 +68,7 @@ def trained_token_forward(lm: PreTrainedModel, input_ids: torch.Tensor, targets:
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
     token_losses = F.cross_entropy(logits, targets[selected], reduction="none")
-    return TrainedTokenOutput(loss=token_losses.mean(), token_losses=token_losses, selected=selected)
+    return TrainedTokenOutput(loss=token_losses.mean(), token_losses=token_losses, logits=logits, selected=selected)
 
 
 def enable_trained_token_batches(model: torch.nn.Module) -> None:
@@ -123,20 +125,34 @@ def packed_sft_batch(features: list[dict[str, Any]]) -> Batch:
 
 
 class ChoiceCollator(PaddedSFTCollator):
-    """Labelled evaluation: every example once per class, the class's answer in place of the gold one. Besides the
-    trained targets (for the eval loss of the gold rows) it marks the targets of the answer words, which are scored."""
+    """Labelled evaluation batches. Besides the trained targets (for the eval loss of the gold rows) they mark the
+    targets of the answer words, which are scored. Rows hold every example once per class, the class's answer in
+    place of the gold one, unless every answer is one token after the same prompt: then the gold row alone gives
+    every class's log-prob at the answer position (`CausalLanguageModeling.class_tokens`)."""
 
     def __call__(self, features: list[dict[str, Any]]) -> Batch:
-        rows = [{"input_ids": ids, "labels": labels}
-                for f in features for ids, labels in zip(f["choice_input_ids"], f["choice_labels"])]
+        if "choice_input_ids" in features[0]:
+            rows = [{"input_ids": ids, "labels": labels}
+                    for f in features for ids, labels in zip(f["choice_input_ids"], f["choice_labels"])]
+            spans = [span for f in features for span in f["choice_answers"]]
+        else:
+            rows, spans = features, [(f["answer_at"], f["answer_at"] + 1) for f in features]
         batch = super().__call__(rows)
         answer = torch.zeros_like(batch["targets"], dtype=torch.bool)
-        spans = [span for f in features for span in f["choice_answers"]]
         for row, (start, end) in enumerate(spans):
             answer[row, start - 1:end - 1] = True  # target t predicts token t+1
         batch["answer_mask"] = answer
-        batch["label"] = torch.tensor([f["label"] for f in features])
+        batch["class_id"] = torch.tensor([f["class_id"] for f in features])
         return batch
+
+
+def single_answer_tokens(candidates: list[Tokenized]) -> Optional[list[int]]:
+    """Each candidate's answer token when every answer is exactly one token after one shared prompt, else None."""
+    first = candidates[0]
+    if any(c.answer is None or c.answer[1] - c.answer[0] != 1 or c.answer[0] != first.answer[0]
+           or c.input_ids[:c.answer[0]] != first.input_ids[:first.answer[0]] for c in candidates):
+        return None
+    return [c.input_ids[c.answer[0]] for c in candidates]
 
 
 def per_row_sums(values: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
@@ -154,6 +170,8 @@ class CausalLanguageModeling(Task):
         self.renderer = TextRenderer(recipe.task, tokenizer)
         self.labels: Optional[LabelSpace] = None
         self.generation_prompts: list[dict[str, str]] = []
+        self.class_tokens: Optional[list[int]] = None
+        """Labelled eval: each class's single answer token, when every answer is one token after the same prompt."""
 
     @property
     def labelled(self) -> bool:
@@ -221,7 +239,8 @@ class CausalLanguageModeling(Task):
             rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
             out: dict[str, list] = {"input_ids": [], "labels": [], "truncated": []}
             if choices:
-                out |= {"choice_input_ids": [], "choice_labels": [], "choice_answers": [], "label": []}
+                out |= {"choice_input_ids": [], "choice_labels": [], "choice_answers": [], "class_id": [],
+                        "answer_at": [], "class_tokens": []}
             for index, row in zip(indices, rows):
                 where = f"{origin} row {index}"
                 gold = tokenize(self.render(row, where), self.tokenizer, max_length)
@@ -233,13 +252,26 @@ class CausalLanguageModeling(Task):
                     out["choice_input_ids"].append([c.input_ids for c in candidates])
                     out["choice_labels"].append([c.labels for c in candidates])
                     out["choice_answers"].append([c.answer or (len(c.input_ids), len(c.input_ids)) for c in candidates])
-                    out["label"].append(self.class_of(row, where))
+                    out["class_id"].append(self.class_of(row, where))
+                    out["answer_at"].append(gold.answer[0] if gold.answer else -1)
+                    out["class_tokens"].append(single_answer_tokens(candidates))
                     out["truncated"][-1] = gold.truncated or any(c.answer is None or c.answer[1] > max_length for c in candidates)
             return out
 
         tokenized = dataset.map(encode, batched=True, with_indices=True, remove_columns=dataset.column_names,
                                 desc=f"tokenizing {origin}")
-        return self.drop_truncated(tokenized, origin)
+        tokenized = self.drop_truncated(tokenized, origin)
+        return self.choose_scoring(tokenized) if choices else tokenized
+
+    def choose_scoring(self, tokenized: datasets.Dataset) -> datasets.Dataset:
+        """One forward per example when every row's answers are the same single tokens, else one per class."""
+        per_row = tokenized["class_tokens"]
+        if per_row and all(tokens == per_row[0] for tokens in per_row) and per_row[0] is not None:
+            self.class_tokens = per_row[0]
+            self.notes.append("answers are single tokens after the same prompt: one forward per eval example scores them all")
+            return tokenized.remove_columns(["choice_input_ids", "choice_labels", "choice_answers", "class_tokens"])
+        self.notes.append(f"answers span several tokens: eval scores each of the {len(self.answers())} per example")
+        return tokenized.remove_columns(["answer_at", "class_tokens"])
 
     def drop_truncated(self, tokenized: datasets.Dataset, origin: str) -> datasets.Dataset:
         truncated = [i for i, cut in enumerate(tokenized["truncated"]) if cut]
@@ -271,16 +303,13 @@ class CausalLanguageModeling(Task):
 
     def evaluate(self, model: torch.nn.Module, loader: DataLoader, accelerator: Accelerator) -> dict[str, float]:
         loss_sums, token_counts, scores, references = [], [], [], []
-        classes = len(self.answers()) if self.labelled else 1
         for batch in loader:
-            answer_mask, label = batch.pop("answer_mask", None), batch.pop("label", None)
+            answer_mask, label = batch.pop("answer_mask", None), batch.pop("class_id", None)
             out = model(**batch)
             row_loss = per_row_sums(out.token_losses, out.selected)
             row_tokens = out.selected.sum(dim=1)
             if self.labelled:
-                answer_logprob = -per_row_sums(out.token_losses * answer_mask[out.selected], out.selected)
-                by_class = answer_logprob.view(-1, classes)
-                gold = torch.arange(len(label), device=label.device) * classes + label
+                by_class, gold = self.class_scores(out, answer_mask, label)
                 gathered = accelerator.gather_for_metrics((row_loss[gold], row_tokens[gold], by_class, label))
                 scores.append(gathered[2].cpu())
                 references.append(gathered[3].cpu())
@@ -294,6 +323,16 @@ class CausalLanguageModeling(Task):
             predictions = torch.cat(scores).argmax(dim=1).numpy()
             metrics |= compute_metrics(self.recipe.metric_names, predictions, torch.cat(references).numpy())
         return {**metrics, "examples": int(sum(len(c) for c in token_counts)), "tokens": int(torch.cat(token_counts).sum())}
+
+    def class_scores(self, out: TrainedTokenOutput, answer_mask: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each example's log-prob of every class's answer ([examples, classes]) and the rows holding the gold answer."""
+        examples = torch.arange(len(label), device=label.device)
+        if self.class_tokens is not None:
+            at_answer = out.logits[answer_mask[out.selected]].log_softmax(dim=-1)
+            return at_answer[:, self.class_tokens], examples
+        classes = len(self.answers())
+        answer_logprob = -per_row_sums(out.token_losses * answer_mask[out.selected], out.selected)
+        return answer_logprob.view(-1, classes), examples * classes + label
 
     @torch.no_grad()
     def after_evaluation(self, model: torch.nn.Module, accelerator: Accelerator, step: int, run_dir: Path) -> None:
