@@ -16,7 +16,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, GradientAccumulationPlugin, InitProcessGroupKwargs, ProjectConfiguration
 
 from launcher.devices import DeviceInfo
-from launcher.fsdp import complete_fsdp_on_cpu
+from launcher.fsdp import complete_fsdp_on_cpu, fsdp_left_out_on_cpu, launched_fsdp_plugin
 from launcher.recipe import Precision, Recipe, TrainingSection
 from launcher.reporting import tracker_for
 
@@ -63,7 +63,8 @@ def build_accelerator(recipe: Recipe, precision: Precision, device: DeviceInfo) 
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "tensorboard")),
         step_scheduler_with_optimizer=False,
     )
-    complete_fsdp_on_cpu(accelerator)
+    if fsdp_left_out_on_cpu(accelerator):
+        complete_fsdp_on_cpu(accelerator, fsdp2_plugin_for_cpu())
     check_one_training_group(accelerator, world_size, device)
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         plugin = accelerator.state.deepspeed_plugin
@@ -71,6 +72,15 @@ def build_accelerator(recipe: Recipe, precision: Precision, device: DeviceInfo) 
         # The HfDeepSpeedConfig that from_pretrained reads (ZeRO-3 init) is a copy: refresh it after filling.
         plugin.set_deepspeed_weakref()
     return accelerator
+
+
+def fsdp2_plugin_for_cpu():
+    """The launch's FSDP plugin, refused unless it is FSDP2: FSDP1 is not made to run on CPU processes."""
+    plugin = launched_fsdp_plugin()
+    if plugin.fsdp_version != 2:
+        raise LaunchError(f"FSDP version {plugin.fsdp_version} on CPU processes: only FSDP2 runs there "
+                          "(accelerate_configs/fsdp2.yaml); otherwise each process would train plain DDP")
+    return plugin
 
 
 def check_local_processes(device: DeviceInfo, local_processes: int) -> None:

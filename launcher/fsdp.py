@@ -23,12 +23,19 @@ def fsdp_requested() -> bool:
     return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
 
 
-def complete_fsdp_on_cpu(accelerator: Accelerator) -> None:
-    """Make a CPU group that was asked for FSDP an FSDP group, as AcceleratorState does for GPU groups."""
+def fsdp_left_out_on_cpu(accelerator: Accelerator) -> bool:
+    """A CPU group that was launched for FSDP but that Accelerate left a plain (DDP) MULTI_CPU group."""
+    return fsdp_requested() and accelerator.state.distributed_type == DistributedType.MULTI_CPU
+
+
+def launched_fsdp_plugin() -> FullyShardedDataParallelPlugin:
+    """The plugin of this launch, from the FSDP_* variables accelerate launch set."""
+    return FullyShardedDataParallelPlugin()
+
+
+def complete_fsdp_on_cpu(accelerator: Accelerator, plugin: FullyShardedDataParallelPlugin) -> None:
+    """Make the CPU group an FSDP group with `plugin` (FSDP2), as AcceleratorState does for GPU groups."""
     state = accelerator.state
-    if not fsdp_requested() or state.distributed_type != DistributedType.MULTI_CPU:
-        return
-    plugin = FullyShardedDataParallelPlugin()  # reads the FSDP_* variables accelerate launch set
     if accelerator.mixed_precision != "no":
         plugin.set_mixed_precision(accelerator.mixed_precision)
     state.distributed_type = DistributedType.FSDP

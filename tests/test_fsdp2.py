@@ -23,6 +23,7 @@ from builders import sentiment_rows, write_csv
 from conftest import REPO, eval_loss_of, run_cli, tiny_recipe, write_recipe
 from faults import assert_same_weights as assert_bit_identical
 from faults import final_weights, train_records
+from launcher.distributed import LaunchError, fsdp2_plugin_for_cpu
 from launcher.reporting import read_metrics_log
 from test_distributed_runs import TOLERANCE, assert_same_weights, free_port, train_losses
 
@@ -112,3 +113,10 @@ def test_fsdp2_lora_exports_models_that_reproduce_the_training_evaluation(llama,
     assert eval_loss_of(merged, run_dir) == pytest.approx(trained_eval, abs=TOLERANCE)
     assert eval_loss_of(adapter, run_dir) == pytest.approx(trained_eval, abs=TOLERANCE)
 
+
+
+def test_fsdp1_on_cpu_processes_is_refused_rather_than_run_as_ddp(monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    with pytest.raises(LaunchError, match="only FSDP2 runs there"):
+        fsdp2_plugin_for_cpu()
