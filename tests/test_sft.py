@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from builders import sft_rows, write_jsonl
 from conftest import run_in_process, tiny_recipe, write_recipe
+from test_distributed_runs import CPU_DDP, CPU_DEEPSPEED, launch
 from faults import assert_same_weights, final_weights, run_faulty, train_records
 from launcher.data import DataError, load_splits
 from launcher.modeling import load_model, load_tokenizer
@@ -219,3 +220,48 @@ def test_kill9_then_resume_is_bit_identical(assets, tmp_path):
     expected, got = train_records(tmp_path / "reference" / "run"), train_records(tmp_path / "resumed" / "run")
     assert [got[s]["loss"] for s in sorted(expected)] == [expected[s]["loss"] for s in sorted(expected)]
     assert_same_weights(final_weights(tmp_path / "reference" / "run"), final_weights(tmp_path / "resumed" / "run"))
+
+
+# Two processes through `accelerate launch` with the shipped configs, each against one process at the same global
+# batch (8 x 1): DDP at 2 x 2 per process also checks that the step's token count is summed over the processes.
+@pytest.fixture(scope="module")
+def one_process_sft(assets, tmp_path_factory) -> Path:
+    return steps_of(assets, tmp_path_factory.mktemp("one_process_sft"), "run", 8, 1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("config", "env", "per_device", "accumulation"),
+    [("cpu_ddp.yaml", CPU_DDP, 2, 2), ("zero2.yaml", CPU_DEEPSPEED, 2, 2), ("zero3.yaml", CPU_DEEPSPEED, 4, 1)],
+)
+def test_two_processes_train_the_one_process_sft_model(assets, tmp_path, one_process_sft, config, env, per_device, accumulation):
+    recipe = sft_recipe(assets, tmp_path / "run", "prompt_completion",
+                        training={"per_device_batch_size": per_device, "gradient_accumulation_steps": accumulation,
+                                  "lr": 1e-3, "epochs": 1},
+                        evaluation={"before_training": False}, task={"generations": 0})
+    result = launch(f"accelerate_configs/{config}", write_recipe(tmp_path / "r.yaml", recipe), env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    losses = lambda run: [r["loss"] for r in read_metrics_log(run) if r["kind"] == "train"]  # noqa: E731
+    assert losses(tmp_path / "run") == pytest.approx(losses(one_process_sft), abs=1e-5)
+    expected, got = final_weights(one_process_sft), final_weights(tmp_path / "run")
+    for name, tensor in expected.items():
+        torch.testing.assert_close(got[name], tensor, rtol=0, atol=1e-5, msg=name)
+
+
+@pytest.mark.slow
+def test_zero3_lora_bf16_sft_trains_and_exports(assets, tmp_path):
+    from peft import AutoPeftModelForCausalLM
+
+    recipe = sft_recipe(assets, tmp_path / "run", "labelled",
+                        training={"precision": "bf16", "per_device_batch_size": 4},
+                        lora={"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0, "merge_on_save": True},
+                        task={"generations": 1})
+    result = launch("accelerate_configs/zero3.yaml", write_recipe(tmp_path / "r.yaml", recipe), CPU_DEEPSPEED)
+    assert result.returncode == 0, result.stderr[-3000:]
+    evals = [r for r in read_metrics_log(tmp_path / "run") if r["kind"] == "eval"]
+    assert evals[-1]["loss"] < evals[0]["loss"]
+    assert (tmp_path / "run" / "generations").is_dir()
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model", dtype=torch.float32)
+    adapter = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "run" / "adapter", dtype=torch.float32)
+    ids = torch.tensor([[1, 5, 6, 7, 8]])
+    torch.testing.assert_close(adapter(input_ids=ids).logits, merged(input_ids=ids).logits, rtol=0, atol=2e-2)
