@@ -108,11 +108,10 @@ def test_fsdp2_lora_exports_models_that_reproduce_the_training_evaluation(llama,
     assert "DistributedType.FSDP" in result.stdout
     run_dir = tmp_path / "out"
     trained_eval = [r for r in read_metrics_log(run_dir) if r["kind"] == "eval"][-1]["loss"]
-    merged = AutoModelForSequenceClassification.from_pretrained(run_dir / "model", dtype=torch.float32)
-    adapter = AutoPeftModelForSequenceClassification.from_pretrained(run_dir / "adapter", dtype=torch.float32)
-    assert eval_loss_of(merged, run_dir) == pytest.approx(trained_eval, abs=TOLERANCE)
-    assert eval_loss_of(adapter, run_dir) == pytest.approx(trained_eval, abs=TOLERANCE)
-
+    loaders = {"model": AutoModelForSequenceClassification, "adapter": AutoPeftModelForSequenceClassification}
+    for folder, loader in loaders.items():
+        reloaded = loader.from_pretrained(run_dir / folder, dtype=torch.float32)
+        assert eval_loss_of(reloaded, run_dir) == pytest.approx(trained_eval, abs=TOLERANCE), folder
 
 
 def test_fsdp1_on_cpu_processes_is_refused_rather_than_run_as_ddp(monkeypatch):
