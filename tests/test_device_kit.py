@@ -77,3 +77,37 @@ def test_lora_flops_drop_the_frozen_weight_gradients():
     summary = {"model_flops_per_s": {"median": 1000.0}, "real_tokens_per_s": {"median": 2.0}}
     # 6N counted 6 FLOPs per token for 100 frozen weights; they cost 4. The 5 adapter weights were not in N.
     assert lora_adjusted_flops_per_s(summary, frozen_non_embedding=100, adapters=5) == 1000.0 - (200 - 30) * 2.0
+
+
+def variant(name: str, samples_per_s: float, **extra) -> dict:
+    """The parts of a `benchmarks.compare` variant that the kit's summary reads."""
+    summary = {"samples_per_s": {"median": samples_per_s}, **{k: {"median": v} for k, v in extra.pop("summary", {}).items()}}
+    return {"name": name, "summary": summary, **extra}
+
+
+def test_summary_says_which_target_was_missed_and_by_how_much():
+    from benchmarks.device.kit import host_sync, targets
+
+    bert_memory = {"memory_plan_error_without_runtime_overhead": -0.25}
+    results = {
+        "bert-base-seq128": {"kit_baseline_precision": "fp32", "variants": [
+            variant("tutorial_max_length", 100.0), variant("tutorial_dynamic", 200.0),
+            variant("launcher_default", 360.0, summary={"mfu": 0.42}, kit=bert_memory),
+            variant("launcher_deferred_sync", 396.0), variant("launcher_deferred_sync_pinned", 363.6),
+        ]},
+        "llama3-8b-lora-seq512": {"variants": [
+            variant("launcher_default", 9.0, summary={"mfu": 0.40}, kit={"memory_plan_error_without_runtime_overhead": 0.1}),
+        ]},
+    }
+    rows = {row["target"].split(" (")[0]: row for row in targets(results)}
+    assert rows["BERT-base MFU at seq 128"]["met"] is True
+    lora = rows["Llama-3-8B-shaped LoRA MFU by 6N"]
+    assert lora["met"] is False and lora["missed_by"] == pytest.approx(0.05)
+    speedup = rows["launcher / faster tutorial baseline, samples/s"]
+    assert speedup["measured"] == pytest.approx(1.8) and speedup["met"] and "fp32" in speedup["caveat"]
+    memory = [row for row in targets(results) if row["target"].startswith("|memory plan")]
+    assert [(row["measured"], row["met"]) for row in memory] == [(0.25, False), (0.1, True)]
+    gains = host_sync(results)
+    assert gains["samples_per_s_gain_over_per_step_sync"] == pytest.approx(
+        {"launcher_deferred_sync": 0.10, "launcher_deferred_sync_pinned": 0.01})
+    assert gains["worth_changing_the_loop (> 2%)"] == {"launcher_deferred_sync": True, "launcher_deferred_sync_pinned": False}

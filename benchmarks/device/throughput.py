@@ -9,6 +9,7 @@ with LoRA, the FLOP count without the frozen weights' gradients beside the 6N on
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 import traceback
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from benchmarks.compare import BASELINES, VARIANTS
 from benchmarks.compare import main as compare_main
 from benchmarks.device import assets
 from benchmarks.measure import lora_adjusted_flops_per_s
+from benchmarks.tutorial_baselines import training_arguments
 from launcher.flops import count_non_embedding_parameters, model_flops_utilization, peak_bf16_flops
 from launcher.memory_plan import Topology, estimate_memory, measure_model, model_config
 from launcher.modeling import apply_lora
@@ -126,6 +128,9 @@ def annotate(result_path: Path, benchmark: Benchmark) -> dict[str, Any]:
         measured = variant["summary"].get("peak_device_memory_bytes", {}).get("median")
         if measured:
             kit["memory_plan_error"] = plan["total_bytes"] / measured - 1
+            # The allocator's peak leaves out the CUDA context and cached blocks, which the plan's overhead covers.
+            without_overhead = plan["total_bytes"] - plan["device_bytes"].get("runtime overhead", 0)
+            kit["memory_plan_error_without_runtime_overhead"] = without_overhead / measured - 1
         if recipe.lora.enabled:
             counts = lora_parameters(recipe)
             adjusted = lora_adjusted_flops_per_s(variant["summary"], counts["frozen_non_embedding"], counts["adapters"])
@@ -139,8 +144,18 @@ def annotate(result_path: Path, benchmark: Benchmark) -> dict[str, Any]:
             }
         variant["kit"] = kit
     result["kit_note"] = benchmark.note
+    if any(v["name"] in BASELINES for v in result["variants"]):
+        result["kit_baseline_precision"] = baseline_precision(result)
     result_path.write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def baseline_precision(result: dict[str, Any]) -> str:
+    """The precision the tutorial baselines' `TrainingArguments` ask the Trainer for, given this recipe."""
+    recipe = load_recipe(result["settings"]["recipe_path"], result["settings"]["overrides"])
+    with tempfile.TemporaryDirectory() as folder:
+        arguments = training_arguments(recipe, 1, Path(folder))
+    return "bf16" if arguments.bf16 else "fp16" if arguments.fp16 else "fp32"
 
 
 def variant_overrides(name: str) -> tuple[str, ...]:
