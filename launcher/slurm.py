@@ -185,6 +185,8 @@ forward_stop() {{
 }}
 trap forward_stop USR1
 
+# Collective settings (why: docs/clusters.md, "Settings multi-node jobs need"). The process group's timeout is the
+# recipe's training.collective_timeout_s; the network interface, where nodes have several, comes from --env.
 {exports}
 export PYTHON={python}
 TASK_RECIPES=(
