@@ -32,7 +32,8 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer  # no
 
 from conftest import REPO, run_in_process, tiny_recipe, write_recipe  # noqa: E402
 from faults import faulty_command, final_weights, train_records  # noqa: E402
-from test_distributed_runs import free_port  # noqa: E402
+# start_model: the dropout-free tiny BERT saved with its head (ZeRO-3 cannot initialise a missing head).
+from test_distributed_runs import free_port, start_model  # noqa: E402, F401  (start_model is a fixture)
 from launcher.data import load_splits  # noqa: E402
 from launcher.recipe_loader import load_recipe  # noqa: E402
 from launcher.reporting import read_metrics_log  # noqa: E402
@@ -123,17 +124,8 @@ def test_packed_batches_under_sdpa_train_like_padded_batches(tmp_path, assets):
 
 
 @pytest.fixture(scope="module")
-def start_model(assets, tmp_path_factory) -> dict[str, Path]:
-    """The dropout-free tiny BERT saved with its classification head: ZeRO-3 cannot initialise a missing head."""
-    folder = tmp_path_factory.mktemp("bert_with_head")
-    torch.manual_seed(0)
-    AutoModelForSequenceClassification.from_pretrained(assets["bert_no_dropout"], num_labels=2).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(assets["bert_no_dropout"]).save_pretrained(folder)
-    return {**assets, "start": folder}
-
-
-@pytest.fixture(scope="module")
 def plain_run(start_model, tmp_path_factory) -> Path:
+    """The plain one-process loop on the same model, in fp32: what each sharded engine must reproduce."""
     return train(tmp_path_factory.mktemp("plain"), start_model, "plain", model="start")
 
 
