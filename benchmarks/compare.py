@@ -34,11 +34,12 @@ from benchmarks.environment import describe_machine, load_1min
 from benchmarks.measure import MeasureError, measure_run, ratios, summarize_repeats
 from benchmarks.processes import run_child
 from benchmarks.report import first_failure, markdown_table, write_results
+from benchmarks.trl_baseline import add_trained_tokens, trained_tokens_by_fingerprint
 from benchmarks.tutorial_baselines import baseline_lengths
 
 REPO = Path(__file__).resolve().parent.parent
 RUN_PY = REPO / "launcher" / "run.py"
-BASELINES = ("tutorial_max_length", "tutorial_dynamic")
+BASELINES = ("tutorial_max_length", "tutorial_dynamic", "trl_padded", "trl_padding_free")
 
 
 @dataclass(frozen=True)
@@ -46,15 +47,32 @@ class Variant:
     name: str
     why: str
     tutorial_way: Optional[str] = None  # set for the baselines, which run benchmarks.tutorial_baselines
+    trl_way: Optional[str] = None  # set for the SFT baselines, which run benchmarks.trl_baseline
     overrides: tuple[str, ...] = ()
     env: tuple[tuple[str, str], ...] = ()
-    needs: Optional[str] = None  # "bf16", "cpu" or "packing": skipped where the hardware or the model lacks it
+    needs: Optional[str] = None  # "bf16", "cpu", "packing", "classification" or "causal_lm": skipped where the
+    # hardware, the model or the recipe's task lacks it
     script: Optional[str] = None  # entry point relative to the repository root; default launcher/run.py
+
+    @property
+    def baseline(self) -> Optional[tuple[str, str]]:
+        """(module, way) of a baseline, which runs one process whatever --processes says."""
+        if self.tutorial_way:
+            return "benchmarks.tutorial_baselines", self.tutorial_way
+        if self.trl_way:
+            return "benchmarks.trl_baseline", self.trl_way
+        return None
 
 
 VARIANTS = (
-    Variant("tutorial_max_length", "baseline 1: Trainer, every text padded to 322 (Yelp tutorials)", tutorial_way="max_length"),
-    Variant("tutorial_dynamic", "baseline 2: Trainer + DataCollatorWithPadding (MRPC tutorial)", tutorial_way="dynamic"),
+    Variant("tutorial_max_length", "baseline 1: Trainer, every text padded to 322 (Yelp tutorials)", tutorial_way="max_length",
+            needs="classification"),
+    Variant("tutorial_dynamic", "baseline 2: Trainer + DataCollatorWithPadding (MRPC tutorial)", tutorial_way="dynamic",
+            needs="classification"),
+    Variant("trl_padded", "SFT baseline 1: TRL SFTTrainer, completion-only loss, each batch padded to its longest",
+            trl_way="padded", needs="causal_lm"),
+    Variant("trl_padding_free", "SFT baseline 2: TRL SFTTrainer, completion-only loss, padding_free=True",
+            trl_way="padding_free", needs="causal_lm"),
     Variant("launcher_default", "the recipe as given"),
     Variant("launcher_dynamic", "dynamic padding, random batches", overrides=("data.padding=dynamic", "data.group_by_length=false")),
     Variant("launcher_group_by_length", "dynamic padding, length-grouped batches", overrides=("data.padding=dynamic", "data.group_by_length=true")),
@@ -90,6 +108,9 @@ class Plan:
     device: DeviceInfo
     shape: TransformerShape
     peak: Optional[PeakFlops]
+    trained_tokens: Optional[dict[int, int]] = None
+    """causal_lm: each training example's trained tokens by its fingerprint, to count the launcher's (its log has the
+    fingerprints of each step's examples)."""
 
     def steps(self, processes: int) -> int:
         training = self.recipe.training
@@ -124,6 +145,8 @@ def select_variants(names: str, plan: Plan) -> list[Variant]:
 
 
 def runs_on(variant: Variant, plan: Plan) -> bool:
+    if variant.needs in ("classification", "causal_lm"):
+        return (plan.recipe.task.type == "causal_lm") == (variant.needs == "causal_lm")
     if variant.needs == "cpu":
         return plan.device.type == "cpu"
     if variant.needs == "bf16":
@@ -144,7 +167,9 @@ def make_plan(args: argparse.Namespace) -> Plan:
         args.recipe, tuple(args.overrides), recipe, samples, args.warmup_steps, args.repeats, args.processes,
         tuple(shlex.split(args.launch)) if args.launch else (sys.executable,), args.work_dir / result_name(args, device),
         args.timeout, device,
-        shape_from_pretrained(recipe.model.name_or_path, recipe.task.num_labels), peak_bf16_flops(device.name),
+        # FLOPs count the non-embedding weights: a classification head's handful of rows, or none (causal_lm).
+        shape_from_pretrained(recipe.model.name_or_path, recipe.task.label_count or 2), peak_bf16_flops(device.name),
+        trained_tokens_by_fingerprint(recipe) if recipe.task.type == "causal_lm" else None,
     )
 
 
@@ -153,14 +178,16 @@ def result_name(args: argparse.Namespace, device: DeviceInfo) -> str:
 
 
 def command_for(plan: Plan, variant: Variant, out: Path) -> list[str]:
-    if variant.tutorial_way:
-        return [sys.executable, "-m", "benchmarks.tutorial_baselines", plan.recipe_path, *plan.overrides,
-                "--way", variant.tutorial_way, "--steps", str(plan.steps(1)), "--out", str(out)]
+    if variant.baseline:
+        module, way = variant.baseline
+        return [sys.executable, "-m", module, plan.recipe_path, *plan.overrides, "--way", way, "--steps", str(plan.steps(1)),
+                "--out", str(out)]
     # Log every step, evaluate once at the end, and write no checkpoints: none of it is inside a timed step.
     measurement = (
         f"output.dir={out}", "output.overwrite=true", "output.resume_from=null", "output.report_to=none",
         "output.save_every_epoch=false", "output.save_every_steps=null", "evaluation.every_steps=null",
         "training.log_every_steps=1", f"training.max_steps={plan.steps(plan.processes)}",
+        *(("training.log_sample_fingerprints=true",) if plan.trained_tokens is not None else ()),
     )
     script = REPO / variant.script if variant.script else RUN_PY
     return [*plan.launch, str(script), plan.recipe_path, *plan.overrides, *variant.overrides, *measurement]
@@ -170,6 +197,8 @@ def token_lengths(plan: Plan, variant: Variant) -> dict[str, Any]:
     """Where the variant's texts end and what they are padded to (`batch`: each batch's longest; `none`: packed)."""
     if variant.tutorial_way:
         return baseline_lengths(plan.recipe, variant.tutorial_way)
+    if variant.trl_way:
+        return {"truncate_at": plan.recipe.data.max_length, "pad_to": "batch" if variant.trl_way == "padded" else "none"}
     data = load_recipe(plan.recipe_path, [*plan.overrides, *variant.overrides]).data
     return {"truncate_at": data.max_length, "pad_to": {"max_length": data.max_length, "dynamic": "batch", "packed": "none"}[data.padding]}
 
@@ -186,11 +215,14 @@ def run_once(plan: Plan, variant: Variant, repeat: int) -> dict[str, Any]:
     child = run_child(command, env, out / "output.log", plan.timeout_s)
     run = {"repeat": repeat, "log_dir": str(out), "load_1min": load, "wall_seconds": child.wall_seconds,
            "peak_rss_bytes": child.peak_rss_bytes, "returncode": child.returncode}
-    devices = 1 if variant.tutorial_way else plan.processes
+    devices = 1 if variant.baseline else plan.processes
     try:
         if child.returncode != 0:
             raise MeasureError(f"exit code {child.returncode}")
-        run.update(measure_run(read_metrics_log(out), plan.warmup_steps, plan.shape, plan.peak, devices))
+        records = read_metrics_log(out)
+        if plan.trained_tokens is not None and not variant.baseline:
+            records = add_trained_tokens(records, plan.trained_tokens)
+        run.update(measure_run(records, plan.warmup_steps, plan.shape, plan.peak, devices))
     except (MeasureError, OSError) as err:
         tail = (out / "output.log").read_text(encoding="utf-8", errors="replace")[-2000:]
         run["error"] = f"{err}\n{tail}"
@@ -240,7 +272,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                      "repeats": plan.repeats, "processes": plan.processes, "launch": list(plan.launch)},
         "flops": flops_description(plan),
         "recipe": plan.recipe.model_dump(mode="json"),
-        "baselines": [name for name in BASELINES if name in args.variants.split(",")],
+        "baselines": [name for name in BASELINES if name in {v.name for v in variants}],
         "variants": results,
     }
     paths = write_results(result, args.results_dir, result_name(args, plan.device))

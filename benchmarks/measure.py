@@ -53,6 +53,8 @@ def measure_run(
     padded = sum(r["padded_tokens"] for r in steps)
     flops = sum(training_flops(shape, r["real_tokens"], r["samples"]) for r in steps)
     evaluation = final_eval(records)
+    # SFT logs the tokens its loss is computed on (the completion / answer tokens); classification does not.
+    trained = sum(r["trained_tokens"] for r in steps) if all("trained_tokens" in r for r in steps) else None
     return {
         "steps_measured": len(steps),
         "samples_measured": samples,
@@ -61,6 +63,7 @@ def measure_run(
         "samples_per_s_per_device": samples / seconds / devices,
         "real_tokens_per_s": real / seconds,
         "padded_tokens_per_s": padded / seconds,
+        "trained_tokens_per_s": trained / seconds if trained is not None else None,
         "padding_efficiency": real / padded,
         "step_seconds": spread([r["step_seconds"] for r in steps]),
         "model_flops_per_s": flops / seconds,
@@ -73,8 +76,8 @@ def measure_run(
 
 
 SUMMARIZED = ("samples_per_s", "samples_per_s_per_device", "real_tokens_per_s", "padded_tokens_per_s",
-              "padding_efficiency", "model_flops_per_s", "mfu", "accuracy", "eval_loss", "peak_rss_bytes",
-              "peak_device_memory_bytes", "wall_seconds", "load_1min")
+              "trained_tokens_per_s", "padding_efficiency", "model_flops_per_s", "mfu", "accuracy", "eval_loss",
+              "peak_rss_bytes", "peak_device_memory_bytes", "wall_seconds", "load_1min")
 
 
 def summarize_repeats(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -90,13 +93,16 @@ def summarize_repeats(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def ratios(summary: dict[str, Any], baseline: dict[str, Any]) -> dict[str, float]:
-    """Median throughput over the baseline's median, and the accuracy difference (median, after the same samples)."""
+    """Median throughput over the baseline's median, and the accuracy and eval loss differences (medians, after the
+    same samples)."""
     result = {
         f"{key}_x": summary[key]["median"] / baseline[key]["median"]
-        for key in ("samples_per_s", "real_tokens_per_s")
+        for key in ("samples_per_s", "real_tokens_per_s", "trained_tokens_per_s") if key in summary and key in baseline
     }
     if "accuracy" in summary and "accuracy" in baseline:
         result["accuracy_delta"] = summary["accuracy"]["median"] - baseline["accuracy"]["median"]
+    if "eval_loss" in summary and "eval_loss" in baseline:
+        result["eval_loss_delta"] = summary["eval_loss"]["median"] - baseline["eval_loss"]["median"]
     return result
 
 

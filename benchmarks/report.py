@@ -48,10 +48,13 @@ def markdown_table(result: dict[str, Any]) -> str:
     # Optional columns: per device when the launcher ran several processes, the device allocator's peak on GPUs/NPUs.
     per_device = result["settings"]["processes"] > 1
     device_memory = any("peak_device_memory_bytes" in v.get("summary", {}) for v in result["variants"])
+    # SFT runs count the tokens the loss is computed on; their eval loss is the mean over those tokens.
+    sft = any("trained_tokens_per_s" in v.get("summary", {}) for v in result["variants"])
     header = [
         "variant", "tokens: truncate / pad, read", "samples/s", *(["samples/s per device"] if per_device else []),
         *[f"x {b}" for b in baselines],
-        "real tok/s", "padded tok/s", "padding eff.", "step s min/med/max", "model FLOP/s", "accuracy", "peak RSS MiB",
+        "real tok/s", "padded tok/s", *(["trained tok/s"] if sft else []), "padding eff.", "step s min/med/max",
+        "model FLOP/s", "accuracy", *(["eval loss"] if sft else []), "peak RSS MiB",
         *(["peak device MiB"] if device_memory else []), "load 1 min",
     ]
     rows = [header, ["---"] * len(header)]
@@ -66,8 +69,10 @@ def markdown_table(result: dict[str, Any]) -> str:
             variant["name"], lengths_cell(variant), span(s, "samples_per_s", ".1f"),
             *([span(s, "samples_per_s_per_device", ".1f")] if per_device else []), *[ratio_cell(variant, b) for b in baselines],
             span(s, "real_tokens_per_s", ".0f"), span(s, "padded_tokens_per_s", ".0f"),
+            *([span(s, "trained_tokens_per_s", ".1f")] if sft else []),
             f"{s['padding_efficiency']['median']:.2f}", f"{steps['min']:.3f} / {steps['median']:.3f} / {steps['max']:.3f}",
-            flops_cell(s), span(s, "accuracy", ".3f"), span(s, "peak_rss_bytes", ".0f", MIB),
+            flops_cell(s), span(s, "accuracy", ".3f"), *([span(s, "eval_loss", ".4f")] if sft else []),
+            span(s, "peak_rss_bytes", ".0f", MIB),
             *([span(s, "peak_device_memory_bytes", ".0f", MIB)] if device_memory else []),
             span(s, "load_1min", ".1f"),
         ])

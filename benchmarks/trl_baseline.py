@@ -1,0 +1,211 @@
+"""TRL's `SFTTrainer`, the SFT baseline users would run instead of the launcher, timed like it for `benchmarks.compare`.
+
+    python -m benchmarks.trl_baseline RECIPE [a.b=value ...] --way padded --steps 50 --out DIR
+
+- `padded`: `SFTTrainer` with its default collator, each batch padded to its longest member.
+- `padding_free`: `padding_free=True`, the batch's examples flattened into one row with `position_ids` restarting
+  per example. TRL documents it for FlashAttention; on other kernels (CPU sdpa) transformers reads the restarting
+  positions as separate sequences and builds a block-diagonal mask, so each example attends to itself only.
+
+Same rows as the launcher: the recipe's seeded subsets through the launcher's loaders, rendered as TRL's
+conversational prompt-completion rows (prompt: the system message, if any, and the user turn; completion: the
+assistant turn with the answer), so TRL applies the same chat template and `completion_only_loss=True` trains the
+completion only. Model, tokenizer, per-device batch, accumulation, optimizer and schedule come from the recipe
+(`benchmarks.tutorial_baselines.training_arguments`). TRL's completion is everything the template renders after the
+generation prompt, so where a template ends a turn with a newline after its end-of-turn token (SmolLM2, Llama 3)
+TRL also trains that newline, which the launcher leaves out: the train records count the tokens each trains.
+
+The eval record's `loss` (and accuracy) is the launcher's own evaluation of the trained model on the launcher's
+eval tokens: the mean over every trained token of the eval set. TRL's `evaluate()` gives `trl_eval_loss`: the mean
+of per-batch token means weighted by examples, over TRL's completion tokens, which is a different number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import zlib
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
+
+import datasets
+import numpy as np
+import torch
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+from transformers import PreTrainedTokenizerBase, TrainingArguments
+from transformers.utils import logging as hf_logging
+
+from benchmarks.tutorial_baselines import CountingCollator, StepClock, training_arguments, write_log
+from launcher.data import load_splits
+from launcher.devices import detect_device, peak_allocated_bytes
+from launcher.modeling import load_model, load_tokenizer
+from launcher.recipe import Recipe
+from launcher.recipe_loader import load_recipe
+from launcher.tasks.causal_lm import CausalLanguageModeling
+from launcher.tasks.sft_text import IGNORE
+
+if TYPE_CHECKING:
+    from trl import SFTConfig, SFTTrainer
+
+WAYS = ("padded", "padding_free")
+
+
+class TrainingForwardCounter(CountingCollator):
+    """(samples, real tokens, padded tokens) of every training forward, as `StepClock` takes them, and the trained
+    tokens (targets that are not -100, after the shift). Counted where the model receives the batch, a forward
+    pre-hook, not in the collator: Accelerate's dataloader collates one batch ahead of the one being trained."""
+
+    def __init__(self):
+        super().__init__(collate=lambda batch: batch)
+        self.trained = 0
+
+    def __call__(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        if not module.training:
+            return
+        ids, labels = kwargs["input_ids"], kwargs["labels"]
+        if "attention_mask" in kwargs:
+            samples, real = ids.shape[0], int(kwargs["attention_mask"].sum())
+        else:  # padding-free: one row, positions restart at each example
+            samples, real = int((kwargs["position_ids"] == 0).sum()), ids.numel()
+        self.pending.append((samples, real, ids.numel()))
+        self.trained += int((labels[:, 1:] != IGNORE).sum())
+
+    def take_trained(self) -> int:
+        trained, self.trained = self.trained, 0
+        return trained
+
+
+class TrainedTokenClock(StepClock):
+    """`StepClock`'s record of each optimizer step with the step's trained tokens added."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        trained = self.collator.take_trained()
+        super().on_step_end(args, state, control, **kwargs)
+        self.records[-1]["trained_tokens"] = trained
+
+
+def check_comparable(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> None:
+    task = recipe.task
+    if task.type != "causal_lm" or task.format == "chat" or not (task.use_chat_template and tokenizer.chat_template):
+        raise SystemExit("benchmarks.trl_baseline compares causal_lm recipes of format labelled or prompt_completion "
+                         "rendered with a chat template (TRL's conversational prompt-completion rows)")
+
+
+def conversation(task: CausalLanguageModeling, row: dict[str, Any], where: str) -> dict[str, list[dict[str, str]]]:
+    """One row as TRL's conversational prompt-completion example, with the launcher's prompt and answer."""
+    spec, data = task.recipe.task, task.recipe.data
+    if spec.format == "labelled":
+        texts = {"text": row[data.text_field], **({"text_pair": row[data.text_pair_field]} if data.text_pair_field else {})}
+        prompt, answer = spec.prompt_template.format(**texts), task.answers()[task.class_of(row, where)]
+    else:
+        prompt, answer = row[spec.prompt_field], row[spec.completion_field]
+    system = [{"role": "system", "content": spec.system_prompt}] if spec.system_prompt else []
+    return {"prompt": system + [{"role": "user", "content": prompt}], "completion": [{"role": "assistant", "content": answer}]}
+
+
+def conversations(task: CausalLanguageModeling, split: datasets.Dataset, origin: str) -> tuple[datasets.Dataset, int]:
+    """The split's rows as conversations, without those longer than `data.max_length` tokens (returned: how many).
+
+    The launcher cuts rows at `data.max_length` and drops those that lose their answer; TRL's padding-free way
+    refuses a `max_length` (it cannot truncate a flattened row), so both TRL ways get rows that need no cut."""
+    tokenizer, limit = task.tokenizer, task.recipe.data.max_length
+    rows = [conversation(task, split[i], f"{origin} row {i}") for i in range(len(split))]
+    texts = [tokenizer.apply_chat_template(r["prompt"] + r["completion"], tokenize=False) for r in rows]
+    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    kept = [r for r, length in zip(rows, lengths) if length <= limit]
+    return datasets.Dataset.from_list(kept), len(rows) - len(kept)
+
+
+def sft_config(recipe: Recipe, way: str, steps: int, out: Path) -> SFTConfig:
+    """The tutorial baselines' `TrainingArguments` (the recipe's batch, optimizer, schedule, seed) as an `SFTConfig`,
+    with TRL's own defaults that would change the work set back to the recipe's: TRL turns on gradient
+    checkpointing and bf16 by default."""
+    from trl import SFTConfig  # here: `benchmarks.compare` imports this module for classification recipes too
+
+    base = training_arguments(recipe, steps, out)
+    shared = {f.name: getattr(base, f.name) for f in dataclasses.fields(TrainingArguments) if f.init}
+    return SFTConfig(
+        **{**shared, "gradient_checkpointing": recipe.model.gradient_checkpointing,
+           "bf16": recipe.training.precision == "bf16", "fp16": recipe.training.precision == "fp16"},
+        completion_only_loss=True,
+        padding_free=way == "padding_free",
+        max_length=None if way == "padding_free" else recipe.data.max_length,
+    )
+
+
+@torch.no_grad()
+def launcher_evaluation(trainer: SFTTrainer, task: CausalLanguageModeling, evaluation: datasets.Dataset) -> dict[str, float]:
+    """The launcher's own evaluation (loss over all trained eval tokens, restricted-choice accuracy) of the model."""
+    _, collate = task.collators()
+    loader = DataLoader(evaluation, batch_size=task.recipe.eval_batch_size, shuffle=False, collate_fn=collate)
+    trainer.model.eval()
+    return task.evaluate(trainer.model, loader, trainer.accelerator)
+
+
+def run_baseline(recipe: Recipe, way: str, steps: int, out: Path) -> list[dict[str, Any]]:
+    """Train `steps` optimizer steps with TRL's `SFTTrainer` the given way, evaluate once; returns the log records."""
+    from trl import SFTTrainer
+
+    set_seed(recipe.training.seed)
+    tokenizer = load_tokenizer(recipe.model)
+    check_comparable(recipe, tokenizer)
+    task = CausalLanguageModeling(recipe, tokenizer)
+    splits = load_splits(recipe.data, task.columns(recipe))
+    launcher_tokens = task.prepare_data(splits)  # also resolves the label words the conversations answer with
+    train, train_over = conversations(task, splits.train, splits.train_origin)
+    evaluation, eval_over = conversations(task, splits.eval, splits.eval_origin)
+    model = load_model(recipe, task, tokenizer)
+    counter = TrainingForwardCounter()
+    model.register_forward_pre_hook(counter, with_kwargs=True)
+    clock = TrainedTokenClock(counter)
+    trainer = SFTTrainer(model=model, args=sft_config(recipe, way, steps, out), train_dataset=train,
+                         eval_dataset=evaluation, processing_class=tokenizer, callbacks=[clock])
+    trainer.train()
+    record = {"kind": "eval", "step": steps, **launcher_evaluation(trainer, task, launcher_tokens.eval),
+              "trl_eval_loss": trainer.evaluate()["eval_loss"], "truncate_at": recipe.data.max_length,
+              "pad_to": "batch" if way == "padded" else "none", "rows_over_max_length": {"train": train_over, "eval": eval_over}}
+    peak = peak_allocated_bytes(detect_device().type)
+    if peak is not None:
+        record["peak_device_memory_bytes"] = peak
+    return [*clock.records, record]
+
+
+def trained_tokens_by_fingerprint(recipe: Recipe) -> dict[int, int]:
+    """The trained tokens of each training example of a causal_lm recipe, keyed by the launcher's fingerprint of its
+    tokens (`training.log_sample_fingerprints`): the launcher's log names the examples of each step, not the tokens
+    its loss is computed on."""
+    task = CausalLanguageModeling(recipe, load_tokenizer(recipe.model))
+    train = task.prepare_data(load_splits(recipe.data, task.columns(recipe))).train
+    return {zlib.crc32(np.asarray(ids, dtype=np.int64).tobytes()): sum(label != IGNORE for label in labels[1:])
+            for ids, labels in zip(train["input_ids"], train["labels"])}
+
+
+def add_trained_tokens(records: list[dict[str, Any]], by_fingerprint: dict[int, int]) -> list[dict[str, Any]]:
+    """A launcher log's train records with `trained_tokens` summed from their steps' sample fingerprints."""
+    return [{**r, "trained_tokens": sum(by_fingerprint[f] for f in r["sample_fingerprints"])} if r["kind"] == "train" else r
+            for r in records]
+
+
+def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Train a causal_lm recipe with TRL's SFTTrainer and log it like the launcher.")
+    parser.add_argument("recipe")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value")
+    parser.add_argument("--way", choices=WAYS, required=True)
+    parser.add_argument("--steps", type=int, required=True, help="optimizer steps to train")
+    parser.add_argument("--out", type=Path, required=True, help="folder for metrics.jsonl")
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    hf_logging.set_verbosity_error()
+    recipe = load_recipe(args.recipe, args.overrides)
+    write_log(args.out, run_baseline(recipe, args.way, args.steps, args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
