@@ -36,6 +36,7 @@ def launcher_tokens(recipe_path):
     return sum(map(len, train["input_ids"])), sum(label != IGNORE for labels in train["labels"] for label in labels[1:])
 
 
+@pytest.mark.slow  # two TRL trainings of one epoch: 20-30 s on 2 loaded cores
 def test_trl_ways_train_the_launchers_tokens_and_padding_free_computes_the_same(assets, tmp_path):
     """One epoch (64 rows, 8 steps) each way. Both TRL ways draw the same batches, so they must agree step by step
     on the real and trained tokens, and padding-free (sdpa on CPU: a block-diagonal mask from the restarting
