@@ -22,6 +22,7 @@ SLURM_FILES = "slurm"  # inside each output dir: the script, the frozen recipe, 
 GRES_ENTRY = re.compile(r"^(?P<name>[^:(]+)(?::[^:(]+)*:(?P<count>\d+)")
 # How often the batch shell re-sends a forwarded stop: short against a time-limit warning of minutes.
 STOP_REPEAT_SECONDS = 10
+HCCL_EXEC_TIMEOUT_MAX = 17340  # seconds, the largest value every Ascend generation accepts (CANN env var reference)
 TIME_LIMIT = re.compile(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?")
 
 
@@ -139,8 +140,9 @@ def device_environment(job: BatchJob) -> dict[str, str]:
             # Multi-node HCCL link set-up can exceed the 120 s default on a busy fabric.
             "HCCL_CONNECT_TIMEOUT": "1200",
             # HCCL's own per-collective limit: as long as the recipe's, so a rank still tokenizing (the others
-            # wait for rank 0 in a barrier) is not declared dead by HCCL before the process group would.
-            "HCCL_EXEC_TIMEOUT": str(job.collective_timeout_s),
+            # wait for rank 0 in a barrier) is not declared dead by HCCL before the process group would. CANN
+            # accepts at most 17340 s on Atlas training (910A) chips; A2/A3 accept more.
+            "HCCL_EXEC_TIMEOUT": str(min(job.collective_timeout_s, HCCL_EXEC_TIMEOUT_MAX)),
         }
     elif r.devices_per_node:
         env = {"ACCELERATE_USE_CPU": "true"}  # the torchrun path forms a CPU (gloo) group only when told so
