@@ -119,8 +119,8 @@ class ClassificationTask(Section):
 
 CAUSAL_LM_FORMAT_FIELDS = {
     "chat": ("messages_field", "chat_template"),
-    "prompt_completion": ("prompt_field", "completion_field", "use_chat_template", "chat_template"),
-    "labelled": ("prompt_template", "label_words", "use_chat_template", "chat_template"),
+    "prompt_completion": ("prompt_field", "completion_field", "use_chat_template", "system_prompt", "chat_template"),
+    "labelled": ("prompt_template", "label_words", "use_chat_template", "system_prompt", "chat_template"),
 }
 
 
@@ -146,6 +146,9 @@ class CausalLMTask(Section):
     use_chat_template: bool = True
     """prompt_completion / labelled: render the prompt as a user turn and the answer as the assistant turn with the
     chat template (what an instruct model expects); false, or no template at all, joins them as plain text."""
+    system_prompt: Optional[str] = None
+    """prompt_completion / labelled under the chat template: a system message before the prompt. Many templates
+    insert a default one when there is none (SmolLM2's costs 20 tokens of every example)."""
     chat_template: Optional[str] = None
     """A Jinja chat template for a tokenizer that has none (it is saved with the exported tokenizer)."""
     on_truncated: Literal["drop", "fail"] = "drop"
@@ -177,10 +180,14 @@ class CausalLMTask(Section):
 
 
 def task_type_of(value: Any) -> Any:
-    """The union's tag: `type`, which classification recipes may leave out (it is the default)."""
-    if isinstance(value, dict):
-        return value.get("type", "sequence_classification")
-    return getattr(value, "type", None)
+    """The union's tag: `type`, which classification recipes may leave out (it is the default); None (a missing
+    tag) when causal_lm keys stand there without it."""
+    if not isinstance(value, dict):
+        return getattr(value, "type", None)
+    if "type" in value:
+        return value["type"] if isinstance(value["type"], str) else None
+    only_causal_lm = set(CausalLMTask.model_fields) - set(ClassificationTask.model_fields)
+    return None if set(value) & only_causal_lm else "sequence_classification"
 
 
 TaskSection = Annotated[

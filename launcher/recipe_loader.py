@@ -106,7 +106,11 @@ def describe_validation_errors(err: ValidationError) -> list[str]:
         loc = without_union_tags(tagged)
         task_type = tagged[1] if loc != tagged else "sequence_classification"
         where = ".".join(loc) or "(top level)"
-        if error["type"] == "extra_forbidden":
+        if error["type"] in ("union_tag_invalid", "union_tag_not_found"):  # only the task section is a tagged union
+            given = error["input"].get("type") if isinstance(error["input"], dict) else None
+            problem = "required key is missing" if given is None else f"{given!r} is not a task type"
+            lines.append(f"task.type: {problem}; one of {', '.join(TASK_TYPES)}")
+        elif error["type"] == "extra_forbidden":
             lines.append(f"{where}: unknown key{did_you_mean(loc, task_type)}")
         elif error["type"] == "missing":
             lines.append(f"{where}: required key is missing")

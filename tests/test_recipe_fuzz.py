@@ -20,7 +20,7 @@ from pydantic import BaseModel
 
 from conftest import REPO, run_in_process
 from launcher import run
-from launcher.recipe import Recipe
+from launcher.recipe import TASK_TYPES, Recipe, task_type_of
 from launcher.recipe_loader import RecipeError, load_raw, load_recipe
 
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
@@ -41,11 +41,17 @@ def cases() -> list[tuple[Path, tuple[str, ...]]]:
     return [(recipe, path) for recipe in RECIPES for path in key_paths(load_raw(recipe))]
 
 
-def field_at(path: tuple[str, ...]):
+def model_at(section: tuple[str, ...], raw: dict) -> type[BaseModel]:
+    """The schema class of a section; the task section's is the one its `type` names."""
     model: type[BaseModel] = Recipe
-    for key in path[:-1]:
-        model = model.model_fields[key].annotation
-    return model.model_fields[path[-1]]
+    for key in section:
+        is_task = model is Recipe and key == "task"
+        model = TASK_TYPES[task_type_of(raw["task"])] if is_task else model.model_fields[key].annotation
+    return model
+
+
+def field_at(path: tuple[str, ...], raw: dict):
+    return model_at(path[:-1], raw).model_fields[path[-1]]
 
 
 def unwrap_optional(annotation) -> tuple[Any, bool]:
@@ -138,7 +144,7 @@ def assert_rejected(tmp_path: Path, raw: dict, path: tuple[str, ...], expected: 
 @pytest.mark.parametrize("recipe, path", cases(), ids=lambda v: v.name if isinstance(v, Path) else ".".join(v))
 def test_every_key_rejects_bad_values(tmp_path, recipe, path):
     raw = load_raw(recipe)
-    field = field_at(path)
+    field = field_at(path, raw)
 
     @FUZZ
     @given(value=st.sampled_from(wrong_kinds(field.annotation)).flatmap(KINDS.get))
@@ -159,7 +165,7 @@ def test_every_key_rejects_bad_values(tmp_path, recipe, path):
     @FUZZ
     @given(name=WORDS)
     def unknown_key(name):
-        siblings = field_at(section).annotation.model_fields if section else Recipe.model_fields
+        siblings = model_at(section, raw).model_fields
         if name not in siblings:
             assert_rejected(tmp_path, set_at(raw, (*section, name), 1), (*section, name), "unknown key")
 

@@ -86,7 +86,9 @@ class TextRenderer:
     def prompt_answer(self, prompt: str, answer: str, answer_span: bool) -> Rendered:
         """A prompt and its answer: as a user and an assistant turn, or joined as plain text (answer + EOS trained)."""
         if self.task.use_chat_template and self.has_template:
-            return self.chat([{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}], answer_span)
+            system = [{"role": "system", "content": self.task.system_prompt}] if self.task.system_prompt else []
+            turns = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+            return self.chat(system + turns, answer_span)
         separator = " " if self.task.format == "labelled" and not prompt[-1:].isspace() else ""
         start = len(prompt) + len(separator)
         text = prompt + separator + answer
