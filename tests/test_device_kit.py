@@ -22,7 +22,7 @@ from benchmarks.measure import lora_adjusted_flops_per_s  # noqa: E402
 
 # What the device tool returns: at most 8 files.
 RETURNED = {"device-kit.json", "device-kit.md", "kit.log", "pytest-cuda.xml", "all-results.tar.gz",
-            "bert-base-seq128.png", "llama3-8b-lora-seq512.png"}
+            "bert-base-seq128.png", "llama3-8b-lora-seq512.png", "llama3-8b-lora-sft-seq512.png"}
 
 
 @pytest.mark.slow
@@ -30,7 +30,7 @@ def test_the_kit_command_runs_in_smoke_mode_and_writes_every_result(tmp_path):
     env = {**os.environ, "PYTHON": sys.executable, "KIT_WORK": str(tmp_path / "work")}
     env.pop("LAUNCHER_KIT_SMOKE", None)
     result = subprocess.run(["bash", "benchmarks/device/run.sh", "--smoke", str(tmp_path / "out")], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=600)
+                            capture_output=True, text=True, timeout=1800)
     assert result.returncode == 0, result.stdout[-5000:]
     assert {p.name for p in (tmp_path / "out").iterdir()} == RETURNED
     report = json.loads((tmp_path / "out" / "device-kit.json").read_text())
@@ -41,9 +41,11 @@ def test_the_kit_command_runs_in_smoke_mode_and_writes_every_result(tmp_path):
     assert report["environment"]["libraries"]["torch"] != "missing"
 
     bert, llama = report["benchmarks"]["bert-base-seq128"], report["benchmarks"]["llama3-8b-lora-seq512"]
+    sft = report["benchmarks"]["llama3-8b-lora-sft-seq512"]
     assert [v["name"] for v in bert["variants"]] == ["tutorial_max_length", "tutorial_dynamic", "launcher_default",
                                                      "launcher_deferred_sync"]
-    assert all("summary" in v for v in bert["variants"] + llama["variants"]), "every variant measured"
+    assert all("summary" in v for v in bert["variants"] + llama["variants"] + sft["variants"]), "every variant measured"
+    assert sft["recipe"]["task"]["type"] == "causal_lm" and "lora_flops" in sft["variants"][0]["kit"]
     default = {v["name"]: v for v in bert["variants"]}["launcher_default"]
     assert default["kit"]["memory_plan"]["total_bytes"] > 0
     lora = llama["variants"][0]["kit"]["lora_flops"]

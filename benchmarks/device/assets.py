@@ -150,6 +150,10 @@ def at_least(tokens: int) -> Callable[[random.Random], int]:
     return lambda rng: tokens + rng.randrange(0, tokens // 4 + 1)
 
 
+def exactly(words: int) -> Callable[[random.Random], int]:
+    return lambda rng: words
+
+
 def review_like(median: int, cap: int) -> Callable[[random.Random], int]:
     """Log-normal lengths around `median` words (sigma 0.6: Yelp-like spread, a long tail truncated later)."""
     return lambda rng: max(4, min(cap, int(rng.lognormvariate(0, 0.6) * median)))

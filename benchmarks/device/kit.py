@@ -219,6 +219,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--work", type=Path, default=REPO / "benchmarks" / "work" / "device", help="models, data, runs")
     parser.add_argument("--smoke", action="store_true", help="toy sizes on any machine (CI)")
     parser.add_argument("--deadline", type=float, default=float("inf"), help="epoch seconds: skip what would not finish")
+    parser.add_argument("--only", default="", help="comma-separated benchmark names (default: all, in order)")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.stage == "environment":
@@ -229,7 +230,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.stage == "benchmarks":
         from benchmarks.device.throughput import run_benchmarks  # the heavy imports, for this stage only
 
-        return run_benchmarks(args.out, args.work, args.smoke, args.deadline)
+        return run_benchmarks(args.out, args.work, args.smoke, args.deadline, [n for n in args.only.split(",") if n])
     report = summary(args.out)
     (args.out / "device-kit.json").write_text(json.dumps(report, indent=2) + "\n")
     (args.out / "device-kit.md").write_text(summary_markdown(report))

@@ -14,7 +14,7 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -28,11 +28,6 @@ from launcher.memory_plan import Topology, estimate_memory, measure_model, model
 from launcher.modeling import apply_lora
 from launcher.recipe_loader import load_recipe
 from launcher.tasks import TASKS
-
-# Seconds a benchmark needs after its start, past which it is skipped rather than cut (the machine's start-up
-# and the tests come first; these keep the whole command inside its 8 minutes).
-NEEDED_SECONDS = {"bert": 100, "llama": 150}
-
 
 @dataclass(frozen=True)
 class Benchmark:
@@ -49,19 +44,23 @@ class Benchmark:
     num_labels: int
     length_words: Callable
     note: str
+    needed_seconds: int
+    """Time it needs on the H200, estimated: with less left before the guard it is skipped rather than cut."""
 
 
 def benchmarks_for(smoke: bool, work: Path) -> list[Benchmark]:
     """The real measurement, or the same runs at toy sizes (CI): same recipes, variants, files and code."""
     bert_batch, llama_batch = (8, 4) if smoke else (64, 8)
     bert_steps, llama_steps = (6, 4) if smoke else (150, 40)
+    llama = (f"model.name_or_path={work / 'llama'}", "model.gradient_checkpointing=false", "lora.merge_on_save=false",
+             "data.max_length=512", f"training.per_device_batch_size={llama_batch}")
     common = ("data.dataset=null", "data.train_samples=null", "data.eval_samples=null", "training.precision=bf16",
               "training.gradient_accumulation_steps=1", "training.warmup_ratio=0.1", "evaluation.metrics=[accuracy]")
     return [
         Benchmark(
             "bert-base-seq128", "bert", "recipes/yelp_bert.yaml",
-            (*common, f"model.name_or_path={work / 'bert'}", f"data.train_file={work / 'bert-data' / 'train.csv'}",
-             f"data.eval_file={work / 'bert-data' / 'eval.csv'}", "data.max_length=128", "data.group_by_length=true",
+            (*common, f"model.name_or_path={work / 'bert'}", *data_files(work, "bert-base-seq128"), "data.max_length=128",
+             "data.group_by_length=true",
              f"training.per_device_batch_size={bert_batch}", "training.lr=1e-4"),
             # Pinned batches change nothing on a CPU: the smoke mode leaves that variant out.
             ("tutorial_max_length", "tutorial_dynamic", "launcher_default", "launcher_deferred_sync",
@@ -69,26 +68,43 @@ def benchmarks_for(smoke: bool, work: Path) -> list[Benchmark]:
             bert_batch * bert_steps, 1000 if not smoke else 32, 10 if not smoke else 2, 5,
             assets.review_like(median=110, cap=600),
             "BERT-base shape (110M), random weights; review-like lengths (median 110 words, log-normal), truncated at 128",
+            needed_seconds=100,
         ),
         Benchmark(
             "llama3-8b-lora-seq512", "llama", "recipes/llama3_yelp_lora.yaml",
-            (*common, f"model.name_or_path={work / 'llama'}", f"data.train_file={work / 'llama-data' / 'train.csv'}",
-             f"data.eval_file={work / 'llama-data' / 'eval.csv'}", "data.max_length=512", "model.gradient_checkpointing=false",
-             "model.attn_implementation=sdpa", "lora.merge_on_save=false", f"training.per_device_batch_size={llama_batch}"),
+            (*common, *llama, *data_files(work, "llama3-8b-lora-seq512"), "model.attn_implementation=sdpa"),
             ("launcher_default",),
             llama_batch * llama_steps, 64 if not smoke else 16, 10 if not smoke else 1, 5,
             assets.at_least(512),
             "Llama-3-8B shape (8.0B), random bf16 weights, LoRA r 16 on q/k/v/o; every text fills 512 tokens; "
             "gradient checkpointing off (the H200 holds the activations)",
+            needed_seconds=150,  # builds and saves the 8B model first
+        ),
+        Benchmark(
+            # The generative task: instruction + answer, loss on the answer; single-token answers made of the
+            # tokenizer's words, the prompt's words too (the word-level tokenizer knows nothing else).
+            "llama3-8b-lora-sft-seq512", "llama", "recipes/llama3_yelp_sft_lora.yaml",
+            (*common, *llama, *data_files(work, "llama3-8b-lora-sft-seq512"), 'task.prompt_template="{text} w100 w101"',
+             "task.label_words=[w200, w201, w202, w203, w204]", "task.generations=0"),
+            ("launcher_default",),
+            llama_batch * llama_steps, 64 if not smoke else 16, 10 if not smoke else 1, 5,
+            assets.exactly(500),
+            "Llama-3-8B shape, causal-LM SFT (format labelled) with LoRA r 16, the recipe's packed batches; prompts of "
+            "500 words + 2 template words, one answer token (about 504 tokens per example)",
+            needed_seconds=100,
         ),
     ]
+
+
+def data_files(work: Path, name: str) -> tuple[str, str]:
+    return f"data.train_file={work / name / 'train.csv'}", f"data.eval_file={work / name / 'eval.csv'}"
 
 
 def prepare(benchmark: Benchmark, work: Path, smoke: bool) -> None:
     started = time.perf_counter()
     model = assets.build_model(benchmark.kind, work / benchmark.kind, smoke)
     vocab_size = model_config(str(model))[0].vocab_size
-    assets.write_data(work / f"{benchmark.kind}-data", benchmark.samples, benchmark.eval_samples, benchmark.num_labels,
+    assets.write_data(work / benchmark.name, benchmark.samples, benchmark.eval_samples, benchmark.num_labels,
                       benchmark.length_words, vocab_size)
     print(f"[kit] {benchmark.name}: model and data ready in {time.perf_counter() - started:.1f} s", flush=True)
 
@@ -97,7 +113,8 @@ def lora_parameters(recipe) -> dict[str, int]:
     """Non-embedding parameters that are frozen, and those the adapters add (built on the meta device, as
     `launcher.memory_plan.measure_model` builds the recipe's model)."""
     config = model_config(recipe.model.name_or_path)[0]
-    config.num_labels = recipe.task.num_labels
+    if recipe.task.type == "sequence_classification":
+        config.num_labels = recipe.task.num_labels
     task = TASKS[recipe.task.type]
     with torch.device("meta"):
         base = task.model_class.from_config(config)
@@ -162,13 +179,15 @@ def variant_overrides(name: str) -> tuple[str, ...]:
     return next(v.overrides for v in VARIANTS if v.name == name)
 
 
-def run_benchmarks(out: Path, work: Path, smoke: bool, deadline: float) -> int:
+def run_benchmarks(out: Path, work: Path, smoke: bool, deadline: float, only: Optional[list[str]] = None) -> int:
     failures = 0
     for benchmark in benchmarks_for(smoke, work):
+        if only and benchmark.name not in only:
+            continue
         left = deadline - time.time()
-        if not smoke and left < NEEDED_SECONDS[benchmark.kind]:
+        if not smoke and left < benchmark.needed_seconds:
             print(f"[kit] {benchmark.name}: skipped, {left:.0f} s left of the time guard "
-                  f"(needs about {NEEDED_SECONDS[benchmark.kind]} s)", flush=True)
+                  f"(needs about {benchmark.needed_seconds} s)", flush=True)
             (out / f"{benchmark.name}.skipped").write_text(f"{left:.0f} s left of the time guard\n")
             continue
         try:
