@@ -1,7 +1,7 @@
 """The kit's measurements (stage `benchmarks` of benchmarks/device/run.sh): builds the models and data
-(benchmarks/device/assets.py) and runs `benchmarks.compare` twice, a BERT-base classifier at seq 128 in bf16
-against both tutorial baselines and the deferred-sync loop variants, and a Llama-3-8B-shaped classifier with
-LoRA in bf16 at seq 512. Each launcher variant's result gains the memory plan of its recipe (what
+(benchmarks/device/assets.py) and runs `benchmarks.compare` three times: a BERT-base classifier at seq 128 in
+bf16 against both tutorial baselines and the deferred-sync loop variants, and a Llama-3-8B-shaped model with
+LoRA in bf16 at seq 512, as a classifier and as causal-LM SFT. Each launcher variant's result gains the memory plan of its recipe (what
 `launcher/run.py RECIPE --check` prints, from `launcher.memory_plan`) against the measured allocator peak, and,
 with LoRA, the FLOP count without the frozen weights' gradients beside the 6N one.
 """
