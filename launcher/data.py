@@ -18,6 +18,7 @@ from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 from transformers.trainer_pt_utils import get_length_grouped_indices
 
 from launcher.recipe import DataSection, Recipe
+from launcher.sampling import batches_in_random_order, label_mixed_length_grouped_order
 
 FILE_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
@@ -227,22 +228,23 @@ def length_grouped_order(lengths: list[int], batch_size: int, generator: torch.G
     so an out-of-memory shows at the first step, and a short last batch stays last, since the loader cuts batches
     from this order in runs of `batch_size`.
     """
-    order = get_length_grouped_indices(lengths, batch_size, generator=generator)
-    first, *rest = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
-    short_last = [rest.pop()] if rest and len(rest[-1]) < batch_size else []
-    shuffled = [rest[i] for i in torch.randperm(len(rest), generator=generator).tolist()]
-    return [index for batch in (first, *shuffled, *short_last) for index in batch]
+    return batches_in_random_order(get_length_grouped_indices(lengths, batch_size, generator=generator), lengths,
+                                   batch_size, generator)
 
 
 class EpochShuffleSampler(Sampler[int]):
     """Shuffles with a generator seeded by (seed, epoch) alone, so every rank sees the same order and a resumed
-    run replays it exactly. With `lengths`, batches group similar lengths (`length_grouped_order`)."""
+    run replays it exactly. With `lengths`, batches group similar lengths (`length_grouped_order`); with `labels`
+    too, every batch keeps the label mix (`launcher.sampling`: plain grouping sorts labels into separate batches
+    wherever length predicts the label)."""
 
-    def __init__(self, num_examples: int, seed: int, batch_size: int, lengths: Optional[list[int]] = None):
+    def __init__(self, num_examples: int, seed: int, batch_size: int, lengths: Optional[list[int]] = None,
+                 labels: Optional[list[int]] = None):
         self.num_examples = num_examples
         self.seed = seed
         self.batch_size = batch_size
         self.lengths = lengths
+        self.labels = labels
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -255,6 +257,8 @@ class EpochShuffleSampler(Sampler[int]):
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         if self.lengths is None:
             yield from torch.randperm(self.num_examples, generator=generator).tolist()
+        elif self.labels is not None:
+            yield from label_mixed_length_grouped_order(self.lengths, self.labels, self.batch_size, generator)
         else:
             yield from length_grouped_order(self.lengths, self.batch_size, generator)
 
@@ -306,11 +310,14 @@ def example_token_ids(batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
     return list(batch["input_ids"][0].tensor_split(starts[1:]))
 
 
-def build_dataloaders(tokenized: Splits, recipe: Recipe, train_collator, eval_collator) -> tuple[DataLoader, Optional[DataLoader]]:
-    """Train and eval loaders with the task's collators; training batches come from `EpochShuffleSampler`."""
+def build_dataloaders(tokenized: Splits, recipe: Recipe, train_collator, eval_collator,
+                      class_ids: Optional[list[int]] = None) -> tuple[DataLoader, Optional[DataLoader]]:
+    """Train and eval loaders with the task's collators; training batches come from `EpochShuffleSampler`, whose
+    length grouping keeps the mix of `class_ids` (each training example's class, where the task has classes)."""
     batch_size = recipe.training.per_device_batch_size
     lengths = [len(ids) for ids in tokenized.train["input_ids"]] if recipe.data.group_by_length else None
-    sampler = EpochShuffleSampler(len(tokenized.train), recipe.training.seed, batch_size, lengths)
+    sampler = EpochShuffleSampler(len(tokenized.train), recipe.training.seed, batch_size, lengths,
+                                  class_ids if recipe.data.group_by_length else None)
     train_loader = DataLoader(
         tokenized.train, batch_size=batch_size, sampler=sampler, collate_fn=train_collator, num_workers=recipe.data.num_workers
     )

@@ -27,6 +27,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from launcher.checkpointing import CheckpointError, Checkpointer, TrainPosition
+from launcher.curves import write_curves
 from launcher.data import DataError, build_dataloaders, load_splits
 from launcher.devices import PrecisionError, detect_device, precision_note, resolve_precision
 from launcher.distributed import LaunchError, build_accelerator, optimizer_step_device
@@ -119,7 +120,7 @@ def setup(recipe: Recipe) -> Session:
     task = build_task(recipe, tokenizer)
     with accelerator.main_process_first():
         tokenized = task.prepare_data(load_splits(recipe.data, task.columns(recipe)))
-    train_loader, eval_loader = build_dataloaders(tokenized, recipe, *task.collators())
+    train_loader, eval_loader = build_dataloaders(tokenized, recipe, *task.collators(), task.class_ids(tokenized.train))
     model = load_model(recipe, task, tokenizer)
     if recipe.training.compile:
         model.compile()  # in place: parameter names and state_dict keys stay those of the plain model
@@ -190,6 +191,7 @@ def cleanup(session: Session, finished: bool) -> int:
             "recipe_sha256": recipe_sha256(session.recipe),
         }
         write_run_summary(Path(session.recipe.output.dir), summary)
+        write_curves(session.recipe.output.dir)
         accelerator.print(f"done: {summary['optimizer_steps']} steps; final eval {trainer.final_metrics}; outputs {written}")
     shut_down(accelerator)
     return 0

@@ -24,7 +24,8 @@ from launcher.recipe import Recipe
 RESOLVED_RECIPE = "recipe.resolved.yaml"
 RUN_SUMMARY = "run_summary.json"
 REPLACED_PREFIX = "replaced-"
-RUN_OUTPUTS = (CHECKPOINTS, "model", "adapter", "tensorboard", "metrics.jsonl", RUN_SUMMARY, RESOLVED_RECIPE)
+RUN_OUTPUTS = (CHECKPOINTS, "model", "adapter", "tensorboard", "metrics.jsonl", RUN_SUMMARY, RESOLVED_RECIPE,
+               "curves.png", "confusion.png", "generations")
 
 
 class RunDirectoryError(RuntimeError):

@@ -67,8 +67,11 @@ def test_sentence_pairs(tmp_path, assets):
             "text_field": "sentence1", "text_pair_field": "sentence2"}
     out = train(tmp_path, assets, "pairs", data=data)
     summary = read_run_summary(out)
-    assert set(summary["final_eval"]) == {"loss", "accuracy", "f1", "examples"}
-    assert summary["final_eval"]["examples"] == 32
+    assert set(summary["final_eval"]) == {"loss", "accuracy", "f1", "examples", "per_class", "confusion", "predicted"}
+    final = summary["final_eval"]
+    assert final["examples"] == 32 == sum(map(sum, final["confusion"])) == sum(final["predicted"].values())
+    assert set(final["per_class"]) == {"LABEL_0", "LABEL_1"}
+    assert (out / "confusion.png").is_file() and (out / "curves.png").is_file()
 
 
 @pytest.mark.parametrize("model", ["bert", "llama"])

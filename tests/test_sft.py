@@ -197,7 +197,8 @@ def test_truncated_answers_are_dropped_and_counted_or_refused(assets, tmp_path):
         ({"task": {"type": "causal_lm", "format": "chat"}, "evaluation": {"metrics": ["accuracy"]}}, "need labels"),
         ({"task": {"type": "causal_lm", "format": "chta"}}, "task.format:"),
         ({"task": {"type": "causal_lm", "format": "chat", "generation": 3}}, "did you mean 'generations'"),
-        ({"task": {"type": "generate"}}, "does not match any of the expected tags"),
+        ({"task": {"type": "generate"}}, "task.type: 'generate' is not a task type; one of sequence_classification, causal_lm"),
+        ({"task": {"format": "chat"}}, "task.type: required key is missing"),
     ],
 )
 def test_task_fields_belong_to_their_type_and_format(tmp_path, change, fragment):

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
+import datasets
 import torch
 from accelerate import Accelerator
 from peft import TaskType
@@ -53,6 +54,10 @@ class Task(ABC):
 
     def adapt_model(self, model: torch.nn.Module) -> None:
         """Let the loaded (and LoRA-wrapped) model take this task's batches; by default it takes them as they are."""
+
+    def class_ids(self, train: datasets.Dataset) -> Optional[list[int]]:
+        """Each training example's class, for batches that keep the class mix; None where there are no classes."""
+        return None
 
     @abstractmethod
     def collators(self) -> tuple[Collator, Collator]:

@@ -3,9 +3,10 @@ on the last token), cross-entropy over examples, accuracy / F1 metrics."""
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import Any, Optional
 
-import numpy as np
+import datasets
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
@@ -22,9 +23,12 @@ from launcher.data import (
     resolve_labels,
     tokenize_splits,
 )
-from launcher.metrics import compute_metrics
+from launcher.metrics import compute_metrics, per_class_report, per_class_table, write_confusion_png
 from launcher.packing import enable_packed_batches
 from launcher.tasks.base import Batch, Collator, Task
+
+
+CONFUSION_PNG = "confusion.png"
 
 
 class SequenceClassification(Task):
@@ -49,6 +53,9 @@ class SequenceClassification(Task):
         if self.recipe.data.padding == "packed":
             enable_packed_batches(model)
 
+    def class_ids(self, train: datasets.Dataset) -> Optional[list[int]]:
+        return list(train["labels"])
+
     def collators(self) -> tuple[Collator, Collator]:
         padded = build_collator(self.tokenizer, self.recipe)
         train = PackedCollator(self.tokenizer.pad_token_id) if self.recipe.data.padding == "packed" else padded
@@ -68,5 +75,15 @@ class SequenceClassification(Task):
             losses.append(F.cross_entropy(logits.float(), labels, reduction="none").cpu())
             predictions.append(logits.argmax(dim=-1).cpu())
             references.append(labels.cpu())
-        metrics = compute_metrics(self.recipe.metric_names, torch.cat(predictions).numpy(), torch.cat(references).numpy())
-        return {"loss": float(torch.cat(losses).mean()), **metrics, "examples": int(np.sum([len(r) for r in references]))}
+        predictions, references = torch.cat(predictions).numpy(), torch.cat(references).numpy()
+        metrics = compute_metrics(self.recipe.metric_names, predictions, references)
+        self.report = per_class_report(predictions, references, self.labels.names)
+        return {"loss": float(torch.cat(losses).mean()), **metrics, "examples": len(references),
+                "per_class": self.report["classes"], "confusion": self.report["confusion"],
+                "predicted": self.report["predicted"]}
+
+    def after_evaluation(self, model: torch.nn.Module, accelerator: Accelerator, step: int, run_dir: Path) -> None:
+        """The per-class table in the log (a collapse to one class is named) and the confusion matrix as a PNG."""
+        if accelerator.is_main_process:
+            accelerator.print(per_class_table(self.report), end="")
+            write_confusion_png(self.report["confusion"], self.labels.names, run_dir / CONFUSION_PNG)
