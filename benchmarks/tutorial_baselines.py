@@ -39,13 +39,14 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from launcher.data import Splits, load_splits, resolve_labels, tokenize_splits
+from launcher.data import Splits, load_splits
 from launcher.devices import detect_device, peak_allocated_bytes
 from launcher.metrics import compute_metrics
 from launcher.modeling import load_model, load_tokenizer
 from launcher.optimization import warmup_steps
 from launcher.recipe import Recipe
 from launcher.recipe_loader import load_recipe
+from launcher.tasks.classification import SequenceClassification
 from launcher.reporting import METRICS_LOG
 
 TUTORIAL_MAX_LENGTH = 322  # the Yelp tutorials' `model_max_length`
@@ -136,6 +137,9 @@ def training_arguments(recipe: Recipe, steps: int, out: Path) -> TrainingArgumen
         warmup_steps=warmup_steps(training, steps),
         max_grad_norm=training.max_grad_norm or 0.0,
         seed=training.seed,
+        # The recipe's mixed precision, as the launcher runs it (fp32 otherwise: the Trainer's default).
+        bf16=training.precision == "bf16",
+        fp16=training.precision == "fp16",
         dataloader_num_workers=recipe.data.num_workers,
         save_strategy="no",
         eval_strategy="no",
@@ -152,15 +156,14 @@ def run_baseline(recipe: Recipe, way: str, steps: int, out: Path) -> list[dict[s
     lengths = baseline_lengths(recipe, way)
     # Tokenized unpadded and truncated at data.max_length, as the launcher's dynamic padding does; never packed.
     recipe = recipe.model_copy(update={"data": recipe.data.model_copy(update={"padding": "dynamic"})})
-    splits = load_splits(recipe.data)
-    labels = resolve_labels(splits, recipe.data, recipe.task.num_labels)
-    tokenized = tokenize_splits(splits, recipe.data, labels, tokenizer)
+    task = SequenceClassification(recipe, tokenizer)
+    tokenized = task.prepare_data(load_splits(recipe.data, task.columns(recipe)))
     if way == "max_length":
         tokenized = pad_every_text(tokenized, tokenizer, lengths["pad_to"])
     collator = CountingCollator(default_data_collator if way == "max_length" else DataCollatorWithPadding(tokenizer))
     clock = StepClock(collator)
     trainer = Trainer(
-        model=load_model(recipe, labels, tokenizer),
+        model=load_model(recipe, task, tokenizer),
         args=training_arguments(recipe, steps, out),
         train_dataset=tokenized.train,
         data_collator=collator,
