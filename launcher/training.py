@@ -48,6 +48,8 @@ class StepResult:
     loss: float
     grad_norm: Optional[float]
     skipped: bool
+    loss_items: int
+    """What the loss averages over: examples, or trained tokens (causal_lm)."""
     samples: int
     real_tokens: int
     padded_tokens: int
@@ -159,7 +161,9 @@ class Trainer:
         items over all processes; returns this rank's (loss sum, loss items, samples, real tokens, padded tokens)."""
         items = [self.task.loss_items(batch) for batch in window]
         device = self.accelerator.device
-        step_items = self.accelerator.reduce(torch.tensor(float(sum(items)), device=device), reduction="sum").item()
+        step_items = float(sum(items))
+        if self.accelerator.num_processes > 1:  # one process knows its count on the host: no device round trip
+            step_items = self.accelerator.reduce(torch.tensor(step_items, device=device), reduction="sum").item()
         # Accelerate (or DeepSpeed) divides each micro-batch's loss by the accumulation steps and DDP averages the
         # gradients over the processes; this weight undoes both and applies the item share instead.
         scale = self.accelerator.gradient_accumulation_steps * self.accelerator.num_processes / step_items
@@ -206,7 +210,8 @@ class Trainer:
         if training.log_sample_fingerprints:
             fingerprints = gather_object(self.window_fingerprints)
             self.window_fingerprints = []
-        return StepResult(loss, grad_norm, not finite, int(samples), int(real_tokens), int(padded_tokens), seconds, fingerprints)
+        return StepResult(loss, grad_norm, not finite, int(items), int(samples), int(real_tokens), int(padded_tokens), seconds,
+                          fingerprints)
 
     def after_step(self, result: StepResult) -> None:
         self.position.optimizer_step += 1
@@ -216,7 +221,8 @@ class Trainer:
         self.reporter.advance(result.loss, lr, result.samples / result.seconds)
         if step % self.recipe.training.log_every_steps == 0 or result.skipped:
             record = {
-                "epoch": self.position.epoch, "loss": result.loss, "lr": lr, "samples": result.samples,
+                "epoch": self.position.epoch, "loss": result.loss, "lr": lr, "loss_items": result.loss_items,
+                "samples": result.samples,
                 "real_tokens": result.real_tokens, "padded_tokens": result.padded_tokens, "step_seconds": result.seconds,
             }
             if result.grad_norm is not None:

@@ -128,6 +128,8 @@ def test_step_loss_is_the_mean_over_all_trained_tokens_of_the_step(assets, tmp_p
     accumulated = steps_of(assets, tmp_path, "accumulated", 2, 4)
     losses = lambda run: [r["loss"] for r in read_metrics_log(run) if r["kind"] == "train"]  # noqa: E731
     assert losses(accumulated) == pytest.approx(losses(whole), abs=1e-5)
+    trained = [r["loss_items"] for r in read_metrics_log(whole) if r["kind"] == "train"]
+    assert len(set(trained)) > 1 and trained == [r["loss_items"] for r in read_metrics_log(accumulated) if r["kind"] == "train"]
     expected, got = final_weights(whole), final_weights(accumulated)
     for name, tensor in expected.items():
         torch.testing.assert_close(got[name], tensor, rtol=0, atol=1e-5, msg=name)
