@@ -152,6 +152,10 @@ def test_cli_check_and_errors_as_a_user_sees_them(tmp_path, assets):
     missing = write_recipe(tmp_path / "missing.yaml", tiny_recipe(assets, tmp_path / "o", data={"train_file": "nope.csv"}))
     result = run_cli(str(missing), "--check")
     assert result.returncode == 1 and "nope.csv: file not found" in result.stderr
+    # A local model folder that does not exist used to pass the check (the hub id it might have been was skipped).
+    for folder, reason in (("/no/such/folder", "is not a folder"), (str(tmp_path), "holds no config.json")):
+        result = run_cli(str(good), "--check", f"model.name_or_path={folder}")
+        assert result.returncode == 1 and f"model.name_or_path: {folder} {reason}" in result.stderr, result.stderr
 
 
 def test_accelerate_launch_runs_the_entry_point(tmp_path, assets):
