@@ -22,9 +22,7 @@ of per-batch token means weighted by examples, over TRL's completion tokens, whi
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import os
 import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
@@ -35,14 +33,12 @@ import torch
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase, TrainingArguments
-from transformers.utils import logging as hf_logging
 
-from benchmarks.tutorial_baselines import CountingCollator, StepClock, training_arguments, write_log
+from benchmarks.tutorial_baselines import CountingCollator, StepClock, baseline_main, training_arguments
 from launcher.data import load_splits
 from launcher.devices import detect_device, peak_allocated_bytes
 from launcher.modeling import load_model, load_tokenizer
 from launcher.recipe import Recipe
-from launcher.recipe_loader import load_recipe
 from launcher.tasks.causal_lm import CausalLanguageModeling
 from launcher.tasks.sft_text import IGNORE
 
@@ -188,23 +184,9 @@ def add_trained_tokens(records: list[dict[str, Any]], by_fingerprint: dict[int, 
             for r in records]
 
 
-def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Train a causal_lm recipe with TRL's SFTTrainer and log it like the launcher.")
-    parser.add_argument("recipe")
-    parser.add_argument("overrides", nargs="*", metavar="section.key=value")
-    parser.add_argument("--way", choices=WAYS, required=True)
-    parser.add_argument("--steps", type=int, required=True, help="optimizer steps to train")
-    parser.add_argument("--out", type=Path, required=True, help="folder for metrics.jsonl")
-    return parser.parse_args(argv)
-
-
 def main(argv: Optional[list[str]] = None) -> int:
-    args = parse_args(argv)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    hf_logging.set_verbosity_error()
-    recipe = load_recipe(args.recipe, args.overrides)
-    write_log(args.out, run_baseline(recipe, args.way, args.steps, args.out))
-    return 0
+    return baseline_main(argv, "Train a causal_lm recipe with TRL's SFTTrainer and log it like the launcher.", WAYS,
+                         run_baseline)
 
 
 if __name__ == "__main__":

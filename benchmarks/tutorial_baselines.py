@@ -46,8 +46,8 @@ from launcher.modeling import load_model, load_tokenizer
 from launcher.optimization import warmup_steps
 from launcher.recipe import Recipe
 from launcher.recipe_loader import load_recipe
-from launcher.tasks.classification import SequenceClassification
 from launcher.reporting import METRICS_LOG
+from launcher.tasks.classification import SequenceClassification
 
 TUTORIAL_MAX_LENGTH = 322  # the Yelp tutorials' `model_max_length`
 WAYS = ("max_length", "dynamic")
@@ -190,23 +190,29 @@ def write_log(out: Path, records: list[dict[str, Any]]) -> None:
     (out / METRICS_LOG).write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
 
 
-def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Train a recipe the seed tutorials' way and log it like the launcher.")
+def parse_args(argv: Optional[list[str]], description: str, ways: tuple[str, ...]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("recipe")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
-    parser.add_argument("--way", choices=WAYS, required=True)
+    parser.add_argument("--way", choices=ways, required=True)
     parser.add_argument("--steps", type=int, required=True, help="optimizer steps to train")
     parser.add_argument("--out", type=Path, required=True, help="folder for metrics.jsonl")
     return parser.parse_args(argv)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    args = parse_args(argv)
+def baseline_main(argv: Optional[list[str]], description: str, ways: tuple[str, ...],
+                  run: Callable[[Recipe, str, int, Path], list[dict[str, Any]]]) -> int:
+    """A baseline's command line: train the recipe `--way` for `--steps` steps, write its log to `--out`."""
+    args = parse_args(argv, description, ways)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     hf_logging.set_verbosity_error()
     recipe = load_recipe(args.recipe, args.overrides)
-    write_log(args.out, run_baseline(recipe, args.way, args.steps, args.out))
+    write_log(args.out, run(recipe, args.way, args.steps, args.out))
     return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    return baseline_main(argv, "Train a recipe the seed tutorials' way and log it like the launcher.", WAYS, run_baseline)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,8 @@
 """`data.padding: packed` on the model side: one forward over a row of joined examples (built by
 `launcher.data.PackedCollator`), each example classified at its own token.
 
-The model's `forward` is replaced on the instance, as Accelerate does for autocast, rather than wrapped in another
-module: the model stays the object everything else handles, with the same `state_dict` keys (checkpoints, a resume
-that changes `data.padding`, the export), still a `PeftModel` under LoRA, still carrying the `config` DeepSpeed sizes
-its buffers from and the `_no_split_modules` FSDP wraps by. DDP and DeepSpeed keep calling this top-level module, so
-their forward bookkeeping runs as usual.
+Packed batches reach `classify_packed` through `launcher.forward_routes` (the model's own forward stays for padded
+ones, so a resume may change `data.padding`).
 
 Attention cost: under sdpa and eager the block-diagonal mask spans the whole row, so attention still computes
 (sum of lengths)^2 scores per head, most of them masked; flash_attention_2 runs variable-length kernels instead.
@@ -14,15 +11,14 @@ The savings are in everything else (embeddings, projections, MLPs), which no lon
 
 from __future__ import annotations
 
-from types import MethodType
 from typing import Optional
 
 import torch
-from peft import PeftModel
 from transformers import AutoConfig, PreTrainedModel
 from transformers.modeling_outputs import SequenceClassifierOutputWithPast
 
 from launcher.data import DataError
+from launcher.forward_routes import add_forward_route, transformers_model_of
 from launcher.recipe import Recipe
 
 # Decoders whose sequence classifier is a backbone plus a `score` head classifying the last non-pad token, and whose
@@ -56,22 +52,10 @@ def check_packing(recipe: Recipe) -> list[str]:
 def enable_packed_batches(model: torch.nn.Module) -> None:
     """Let `model` (a transformers sequence classifier, or peft's wrapper of one) also take packed batches:
     those carry `classify_at`; any other batch (evaluation) goes to the model's own forward unchanged."""
-    problem = packing_problem(classifier_of(model).config.model_type)
+    problem = packing_problem(transformers_model_of(model).config.model_type)
     if problem:
         raise DataError(problem)
-    padded_forward = model.forward
-
-    def forward(self, *args, classify_at: Optional[torch.Tensor] = None, **kwargs):
-        if classify_at is None:
-            return padded_forward(*args, **kwargs)
-        return classify_packed(classifier_of(self), classify_at=classify_at, **kwargs)
-
-    model.forward = MethodType(forward, model)
-
-
-def classifier_of(model: torch.nn.Module) -> PreTrainedModel:
-    """The transformers classifier; under LoRA its layers already hold the adapters and its head is peft's copy."""
-    return model.get_base_model() if isinstance(model, PeftModel) else model
+    add_forward_route(model, "classify_at", classify_packed)
 
 
 def classify_packed(

@@ -13,7 +13,6 @@ import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from types import MethodType
 from typing import Any, Optional
 
 import datasets
@@ -21,13 +20,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from peft import PeftModel, TaskType
+from peft import TaskType
 from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.utils import ModelOutput
 
 from launcher.data import DataError, LabelSpace, Splits, labelled_text_columns, resolve_labels
+from launcher.forward_routes import add_forward_route
 from launcher.metrics import compute_metrics
 from launcher.tasks.base import Batch, Collator, Task
 from launcher.tasks.sft_text import IGNORE, Rendered, TextRenderer, Tokenized, check_messages, tokenize
@@ -45,11 +45,6 @@ class TrainedTokenOutput(ModelOutput):
     """The LM head's fp32 logits at the trained tokens only, in the same order."""
     selected: Optional[torch.Tensor] = None
     """Where the trained tokens are: a bool mask shaped like `input_ids`."""
-
-
-def language_model_of(model: torch.nn.Module) -> PreTrainedModel:
-    """The transformers causal LM; under LoRA its layers already hold the adapters."""
-    return model.get_base_model() if isinstance(model, PeftModel) else model
 
 
 def trained_token_forward(lm: PreTrainedModel, input_ids: torch.Tensor, targets: torch.Tensor,
@@ -72,18 +67,8 @@ def trained_token_forward(lm: PreTrainedModel, input_ids: torch.Tensor, targets:
 
 
 def enable_trained_token_batches(model: torch.nn.Module) -> None:
-    """Let `model` take batches with `targets`; any other call (generation) goes to its own forward unchanged.
-
-    The forward is replaced on the instance, as `launcher.packing` does: DDP and DeepSpeed keep calling the module
-    they wrap, so their hooks run, and the state dict, the peft wrapper and the export stay as they were."""
-    own_forward = model.forward
-
-    def forward(self, *args, targets: Optional[torch.Tensor] = None, **kwargs):
-        if targets is None:
-            return own_forward(*args, **kwargs)
-        return trained_token_forward(language_model_of(self), targets=targets, **kwargs)
-
-    model.forward = MethodType(forward, model)
+    """Let `model` take batches with `targets` (`trained_token_forward`); generation goes to its own forward."""
+    add_forward_route(model, "targets", trained_token_forward)
 
 
 def next_token_targets(labels: list[int]) -> list[int]:
