@@ -153,7 +153,8 @@ def setup(recipe: Recipe) -> Session:
     plan.notes += filter(None, [precision_note(device, precision)])
     if position.optimizer_step:
         plan.notes.append(f"resumed at optimizer step {position.optimizer_step} (epoch {position.epoch}, batch {position.batches_in_epoch})")
-    accelerator.print(plan.describe())
+    if accelerator.is_main_process:  # accelerator.print prints once per node: a multi-node log would repeat the plan
+        print(plan.describe())
 
     trainer = Trainer(recipe, accelerator, task, model, optimizer, scheduler, train_loader, eval_loader,
                       checkpointer, position, total_steps, stop_request)
