@@ -22,13 +22,14 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from peft import TaskType
 from torch.utils.data import DataLoader
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.utils import ModelOutput
 
 from launcher.data import DataError, LabelSpace, Splits, labelled_text_columns, resolve_labels
 from launcher.forward_routes import add_forward_route
 from launcher.metrics import compute_metrics
+from launcher.recipe import Recipe
 from launcher.tasks.base import Batch, Collator, Task
 from launcher.tasks.sft_text import IGNORE, Rendered, TextRenderer, Tokenized, check_messages, tokenize
 
@@ -131,6 +132,14 @@ class ChoiceCollator(PaddedSFTCollator):
         return batch
 
 
+def text_in(row: dict[str, Any], field: str, where: str) -> str:
+    """The row's text in `field`, or a DataError naming the row and the column."""
+    value = row[field]
+    if not isinstance(value, str) or not value.strip():
+        raise DataError(f"{where}: column {field!r} is empty or not text")
+    return value
+
+
 def single_answer_tokens(candidates: list[Tokenized]) -> Optional[list[int]]:
     """Each candidate's answer token when every answer is exactly one token after one shared prompt, else None."""
     first = candidates[0]
@@ -150,7 +159,7 @@ class CausalLanguageModeling(Task):
     model_class = AutoModelForCausalLM
     peft_task_type = TaskType.CAUSAL_LM
 
-    def __init__(self, recipe, tokenizer):
+    def __init__(self, recipe: Recipe, tokenizer: PreTrainedTokenizerBase):
         super().__init__(recipe, tokenizer)
         self.renderer = TextRenderer(recipe.task, tokenizer)
         self.labels: Optional[LabelSpace] = None
@@ -171,22 +180,16 @@ class CausalLanguageModeling(Task):
         if task.format == "chat":
             return self.renderer.chat(check_messages(row[task.messages_field], where))
         if task.format == "prompt_completion":
-            prompt, completion = row[task.prompt_field], row[task.completion_field]
-            for field, value in ((task.prompt_field, prompt), (task.completion_field, completion)):
-                if not isinstance(value, str) or not value.strip():
-                    raise DataError(f"{where}: column {field!r} is empty or not text")
+            prompt, completion = text_in(row, task.prompt_field, where), text_in(row, task.completion_field, where)
             return self.renderer.prompt_answer(prompt, completion, answer_span=False)
-        texts = {"text": row[data.text_field]}
+        texts = {"text": text_in(row, data.text_field, where)}
         if data.text_pair_field:
-            texts["text_pair"] = row[data.text_pair_field]
-        for field, value in zip((data.text_field, data.text_pair_field), texts.values()):
-            if not isinstance(value, str) or not value.strip():
-                raise DataError(f"{where}: column {field!r} is empty or not text")
+            texts["text_pair"] = text_in(row, data.text_pair_field, where)
         gold = self.answers()[self.class_of(row, where)]
         return self.renderer.prompt_answer(task.prompt_template.format(**texts), answer or gold, answer_span=True)
 
     @classmethod
-    def columns(cls, recipe) -> list[str]:
+    def columns(cls, recipe: Recipe) -> list[str]:
         task = recipe.task
         if task.format == "chat":
             return [task.messages_field]

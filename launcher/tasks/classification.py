@@ -25,6 +25,7 @@ from launcher.data import (
 )
 from launcher.metrics import compute_metrics, per_class_report, per_class_table, write_confusion_png
 from launcher.packing import enable_packed_batches
+from launcher.recipe import Recipe
 from launcher.tasks.base import Batch, Collator, Task
 
 
@@ -38,7 +39,7 @@ class SequenceClassification(Task):
     labels: LabelSpace
 
     @classmethod
-    def columns(cls, recipe) -> list[str]:
+    def columns(cls, recipe: Recipe) -> list[str]:
         return labelled_text_columns(recipe.data)
 
     def prepare_data(self, splits: Splits) -> Splits:
