@@ -34,7 +34,6 @@ from benchmarks.environment import describe_machine, load_1min
 from benchmarks.measure import MeasureError, measure_run, ratios, summarize_repeats
 from benchmarks.processes import run_child
 from benchmarks.report import first_failure, markdown_table, write_results
-from benchmarks.trl_baseline import add_trained_tokens, trained_tokens_by_fingerprint
 from benchmarks.tutorial_baselines import baseline_lengths
 
 REPO = Path(__file__).resolve().parent.parent
@@ -108,9 +107,6 @@ class Plan:
     device: DeviceInfo
     shape: TransformerShape
     peak: Optional[PeakFlops]
-    trained_tokens: Optional[dict[int, int]] = None
-    """causal_lm: each training example's trained tokens by its fingerprint, to count the launcher's (its log has the
-    fingerprints of each step's examples)."""
 
     def steps(self, processes: int) -> int:
         training = self.recipe.training
@@ -169,7 +165,6 @@ def make_plan(args: argparse.Namespace) -> Plan:
         args.timeout, device,
         # FLOPs count the non-embedding weights: a classification head's handful of rows, or none (causal_lm).
         shape_from_pretrained(recipe.model.name_or_path, recipe.task.label_count or 2), peak_bf16_flops(device.name),
-        trained_tokens_by_fingerprint(recipe) if recipe.task.type == "causal_lm" else None,
     )
 
 
@@ -187,7 +182,6 @@ def command_for(plan: Plan, variant: Variant, out: Path) -> list[str]:
         f"output.dir={out}", "output.overwrite=true", "output.resume_from=null", "output.report_to=none",
         "output.save_every_epoch=false", "output.save_every_steps=null", "evaluation.every_steps=null",
         "training.log_every_steps=1", f"training.max_steps={plan.steps(plan.processes)}",
-        *(("training.log_sample_fingerprints=true",) if plan.trained_tokens is not None else ()),
     )
     script = REPO / variant.script if variant.script else RUN_PY
     return [*plan.launch, str(script), plan.recipe_path, *plan.overrides, *variant.overrides, *measurement]
@@ -220,8 +214,8 @@ def run_once(plan: Plan, variant: Variant, repeat: int) -> dict[str, Any]:
         if child.returncode != 0:
             raise MeasureError(f"exit code {child.returncode}")
         records = read_metrics_log(out)
-        if plan.trained_tokens is not None and not variant.baseline:
-            records = add_trained_tokens(records, plan.trained_tokens)
+        if plan.recipe.task.type == "causal_lm" and not variant.baseline:  # the loss items are the trained tokens
+            records = [{**r, "trained_tokens": r["loss_items"]} if r["kind"] == "train" else r for r in records]
         run.update(measure_run(records, plan.warmup_steps, plan.shape, plan.peak, devices))
     except (MeasureError, OSError) as err:
         tail = (out / "output.log").read_text(encoding="utf-8", errors="replace")[-2000:]

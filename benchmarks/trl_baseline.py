@@ -23,12 +23,10 @@ of per-batch token means weighted by examples, over TRL's completion tokens, whi
 from __future__ import annotations
 
 import dataclasses
-import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 import datasets
-import numpy as np
 import torch
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
@@ -166,22 +164,6 @@ def run_baseline(recipe: Recipe, way: str, steps: int, out: Path) -> list[dict[s
     if peak is not None:
         record["peak_device_memory_bytes"] = peak
     return [*clock.records, record]
-
-
-def trained_tokens_by_fingerprint(recipe: Recipe) -> dict[int, int]:
-    """The trained tokens of each training example of a causal_lm recipe, keyed by the launcher's fingerprint of its
-    tokens (`training.log_sample_fingerprints`): the launcher's log names the examples of each step, not the tokens
-    its loss is computed on."""
-    task = CausalLanguageModeling(recipe, load_tokenizer(recipe.model))
-    train = task.prepare_data(load_splits(recipe.data, task.columns(recipe))).train
-    return {zlib.crc32(np.asarray(ids, dtype=np.int64).tobytes()): sum(label != IGNORE for label in labels[1:])
-            for ids, labels in zip(train["input_ids"], train["labels"])}
-
-
-def add_trained_tokens(records: list[dict[str, Any]], by_fingerprint: dict[int, int]) -> list[dict[str, Any]]:
-    """A launcher log's train records with `trained_tokens` summed from their steps' sample fingerprints."""
-    return [{**r, "trained_tokens": sum(by_fingerprint[f] for f in r["sample_fingerprints"])} if r["kind"] == "train" else r
-            for r in records]
 
 
 def main(argv: Optional[list[str]] = None) -> int:

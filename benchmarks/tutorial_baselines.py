@@ -137,9 +137,11 @@ def training_arguments(recipe: Recipe, steps: int, out: Path) -> TrainingArgumen
         warmup_steps=warmup_steps(training, steps),
         max_grad_norm=training.max_grad_norm or 0.0,
         seed=training.seed,
-        # The recipe's mixed precision, as the launcher runs it (fp32 otherwise: the Trainer's default).
+        # The recipe's mixed precision, as the launcher runs it (fp32 otherwise: the Trainer's default); the Trainer
+        # takes bf16 on a CPU only when told it trains there.
         bf16=training.precision == "bf16",
         fp16=training.precision == "fp16",
+        use_cpu=detect_device().type == "cpu",
         dataloader_num_workers=recipe.data.num_workers,
         save_strategy="no",
         eval_strategy="no",

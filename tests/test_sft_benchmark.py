@@ -64,7 +64,7 @@ def test_trl_ways_train_the_launchers_tokens_and_padding_free_computes_the_same(
 @pytest.mark.slow  # three fresh processes, each importing torch, transformers and TRL
 def test_compare_measures_the_trl_baselines_and_the_launcher_on_the_same_samples(assets, tmp_path):
     """A causal_lm recipe gets the TRL baselines instead of the tutorial ones; over one epoch every variant trains
-    every row once, so the trained-token counts (the launcher's from its sample fingerprints) agree."""
+    every row once, so the trained-token counts (the launcher's are its logged loss items) agree."""
     recipe_path = chat_prompt_completion(assets, tmp_path)
     code = compare_main([
         str(recipe_path), "--samples", "64", "--warmup-steps", "0", "--repeats", "1",

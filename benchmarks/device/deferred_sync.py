@@ -127,7 +127,8 @@ class DeferredSyncTrainer(Trainer):
             if not (math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm))):
                 raise NonFiniteLossError(f"non-finite loss {loss} / grad norm {grad_norm} at optimizer step "
                                          f"{self.position.optimizer_step + 1}; no checkpoint was written with these values")
-            self.log_step(StepResult(loss, grad_norm, False, int(samples), int(real), int(padded), seconds), step.lr)
+            self.log_step(StepResult(loss, grad_norm, False, int(items), int(samples), int(real), int(padded), seconds),
+                          step.lr)
 
     def log_step(self, result: StepResult, lr: float) -> None:
         """The launcher's `after_step`, with the learning rate the step ran at (the scheduler has moved on since)."""
