@@ -212,6 +212,7 @@ def test_task_fields_belong_to_their_type_and_format(tmp_path, change, fragment)
 @pytest.mark.slow
 def test_kill9_then_resume_is_bit_identical(assets, tmp_path):
     def recipe_file(folder: Path) -> Path:
+        folder.mkdir()
         recipe = sft_recipe(assets, folder / "run", "chat", training={"epochs": 2, "lr": 1e-3},
                             output={"save_every_steps": 3}, task={"generations": 0})
         return write_recipe(folder / "recipe.yaml", recipe)
