@@ -173,7 +173,7 @@ def run_baseline(recipe: Recipe, way: str, steps: int, out: Path) -> list[dict[s
     )
     trainer.train()
     prediction = trainer.predict(tokenized.eval)
-    metrics = compute_metrics(recipe.evaluation.metrics, np.argmax(prediction.predictions, axis=-1), prediction.label_ids)
+    metrics = compute_metrics(recipe.metric_names, np.argmax(prediction.predictions, axis=-1), prediction.label_ids)
     evaluation = {"kind": "eval", "step": steps, "loss": prediction.metrics["test_loss"], **metrics,
                   "examples": len(prediction.label_ids), **lengths}
     peak = peak_allocated_bytes(detect_device().type)
