@@ -193,7 +193,8 @@ def cleanup(session: Session, finished: bool) -> int:
         }
         write_run_summary(Path(session.recipe.output.dir), summary)
         write_curves(session.recipe.output.dir)
-        accelerator.print(f"done: {summary['optimizer_steps']} steps; final eval {trainer.final_metrics}; outputs {written}")
+        headline = {name: value for name, value in trainer.final_metrics.items() if isinstance(value, (int, float))}
+        accelerator.print(f"done: {summary['optimizer_steps']} steps; final eval {headline}; outputs {written}")
     shut_down(accelerator)
     return 0
 
