@@ -165,6 +165,9 @@ frozen = [p for p in model.parameters() if not p.requires_grad]
 line = (f"local {{sum(p.numel() for p in frozen)}} full {{sum(p.ds_numel for p in frozen)}} "
         f"dtypes {{sorted({{str(p.dtype) for p in model.parameters()}})}}\\n")
 os.write(1, line.encode())  # one write per rank: print's separate writes interleave between the two ranks
+# Leave together, as launcher/run.py does: a rank still tearing down gloo after its peer left can abort at exit.
+accelerator.wait_for_everyone()
+accelerator.end_training()
 '''
 
 
