@@ -10,6 +10,7 @@ from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from transformers import AutoConfig, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.integrations import is_deepspeed_zero3_enabled
 
+from launcher.library_messages import load_report_held, report_loading
 from launcher.recipe import LoraSection, ModelSection, Recipe
 
 # Attention projections are where LoRA pays off most per parameter (LoRA paper, section 7.1).
@@ -50,16 +51,20 @@ def load_model(recipe: Recipe, task, tokenizer: PreTrainedTokenizerBase) -> torc
     """The task's model class (`launcher.tasks`) with its arguments, the pad token, LoRA and the task's batches.
 
     Under a ZeRO-3 Accelerator (built before this is called) `from_pretrained` loads inside `deepspeed.zero.Init`:
-    each process materialises only its shard of the weights, never a full copy.
+    each process materialises only its shard of the weights, never a full copy. The new head goes to the task's
+    plan notes instead of transformers' LOAD REPORT; weights missing from the backbone are still warned about.
     """
     spec = recipe.model
-    model = task.model_class.from_pretrained(
-        spec.name_or_path,
-        **task.model_kwargs(),
-        dtype=TORCH_DTYPES[spec.load_dtype],
-        attn_implementation=spec.attn_implementation,
-        trust_remote_code=spec.trust_remote_code,
-    )
+    with load_report_held():
+        model, loading_info = task.model_class.from_pretrained(
+            spec.name_or_path,
+            **task.model_kwargs(),
+            dtype=TORCH_DTYPES[spec.load_dtype],
+            attn_implementation=spec.attn_implementation,
+            trust_remote_code=spec.trust_remote_code,
+            output_loading_info=True,
+        )
+    task.notes += filter(None, [report_loading(model, loading_info, spec.name_or_path)])
     if is_deepspeed_zero3_enabled():
         keep_used_weight_conversions(model)
     # Decoder classifiers pick the last non-pad token; without pad_token_id they refuse batches > 1.

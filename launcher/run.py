@@ -32,6 +32,7 @@ from launcher.data import DataError, build_dataloaders, load_splits
 from launcher.devices import PrecisionError, detect_device, precision_note, resolve_precision
 from launcher.distributed import LaunchError, build_accelerator, optimizer_step_device
 from launcher.host_memory import keep_freed_host_memory
+from launcher.library_messages import name_deepspeed_accelerator
 from launcher.memory_plan import Topology, load_topology
 from launcher.modeling import count_parameters, export_model, load_model, load_tokenizer
 from launcher.optimization import build_optimizer, build_scheduler, total_optimizer_steps, warmup_steps
@@ -108,6 +109,7 @@ def setup(recipe: Recipe) -> Session:
     stop_request.install()
     host_memory = keep_freed_host_memory() if recipe.training.reuse_host_memory else "host memory: system allocator defaults"
     device = detect_device()
+    name_deepspeed_accelerator(device)
     precision = resolve_precision(device, recipe.training.precision, recipe.training.precision_fallback)
     check_run_directory(recipe)
     accelerator = build_accelerator(recipe, precision, device)
