@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import datasets
 import torch
@@ -126,8 +126,9 @@ def seeded_subset(dataset: datasets.Dataset, size: Optional[int], seed: int, ori
 
 
 def labelled_text_columns(data: DataSection) -> list[str]:
-    """The columns of a labelled-text dataset: text (and its pair) and label."""
-    return [data.text_field, data.label_field] + ([data.text_pair_field] if data.text_pair_field else [])
+    """The columns of a labelled-text dataset: text (and its pair) and the label (or the 0/1 label columns)."""
+    texts = [data.text_field] + ([data.text_pair_field] if data.text_pair_field else [])
+    return texts + (data.label_columns or [data.label_field])
 
 
 def check_columns(splits: Splits, wanted: list[str]) -> None:
@@ -141,15 +142,23 @@ def check_columns(splits: Splits, wanted: list[str]) -> None:
             raise DataError(f"{origin}: missing column(s) {missing}; it has {dataset.column_names}")
 
 
-def resolve_labels(splits: Splits, data: DataSection, num_labels: Optional[int]) -> LabelSpace:
+def resolve_labels(splits: Splits, data: DataSection, num_labels: Optional[int], per_row_lists: bool = False) -> LabelSpace:
     """Work out the class names; string labels get ids (stored in `id2label`), integer ids are range-checked.
-    `num_labels` is what the recipe says there are (None: as many as the data names)."""
+    `num_labels` is what the recipe says there are (None: as many as the data names). `per_row_lists`: each row
+    holds a list of labels (multi_label), whose elements are read as above."""
     feature = splits.train.features[data.label_field]
+    if per_row_lists:
+        if not isinstance(feature, (datasets.List, datasets.LargeList, datasets.Sequence)):
+            raise DataError(f"{splits.train_origin}: column {data.label_field!r} holds {feature}; multi_label wants a list "
+                            "of class names or ids per row (json, jsonl, parquet), or one 0/1 column per class "
+                            "(data.label_columns)")
+        feature = feature.feature
     if isinstance(feature, datasets.ClassLabel):
         names = data.label_names or feature.names
     elif feature.dtype in ("string", "large_string"):
         labelled = [(dataset, origin) for dataset, origin in ((splits.train, splits.train_origin), (splits.eval, splits.eval_origin)) if dataset is not None]
-        seen_by_origin = {origin: set(dataset[data.label_field]) for dataset, origin in labelled}
+        flatten = itertools.chain.from_iterable if per_row_lists else iter
+        seen_by_origin = {origin: set(flatten(dataset[data.label_field])) for dataset, origin in labelled}
         names = data.label_names or sorted(set().union(*seen_by_origin.values()))
         for origin, seen in seen_by_origin.items():
             unknown = sorted(seen - set(names), key=str)
@@ -170,17 +179,34 @@ def resolve_labels(splits: Splits, data: DataSection, num_labels: Optional[int])
     return LabelSpace(list(names))
 
 
-def tokenize_splits(splits: Splits, data: DataSection, labels: LabelSpace, tokenizer: PreTrainedTokenizerBase) -> Splits:
-    """Batched, cached `map`: input ids truncated to `max_length`, labels as ids in a `labels` column."""
-    label2id = labels.label2id
+LabelEncoder = Callable[[dict, list[int], str], list]
+"""(a batch of raw rows, their row numbers, the split's origin) -> the batch's `labels`, or a DataError naming rows."""
 
+
+def class_id(label: Any, labels: LabelSpace) -> Optional[int]:
+    """A label (name or integer id) as a class id; None when it names no class."""
+    index = labels.label2id.get(label) if isinstance(label, str) else label
+    return index if isinstance(index, int) and 0 <= index < len(labels.names) else None
+
+
+def class_id_encoder(data: DataSection, labels: LabelSpace) -> LabelEncoder:
+    """single_label: each row's label (a name or an id) as its class id."""
+    def encode(batch: dict, indices: list[int], origin: str) -> list[int]:
+        ids = [class_id(label, labels) for label in batch[data.label_field]]
+        bad = [(row, label) for row, label, index in zip(indices, batch[data.label_field], ids) if index is None]
+        if bad:
+            raise DataError(f"{origin}: column {data.label_field!r} has label ids {sorted({label for _, label in bad}, key=str)[:10]} "
+                            f"outside [0, {len(labels.names)}) in row(s) {[row for row, _ in bad][:10]}")
+        return ids
+    return encode
+
+
+def tokenize_splits(splits: Splits, data: DataSection, tokenizer: PreTrainedTokenizerBase, encode_labels: LabelEncoder) -> Splits:
+    """Batched, cached `map`: input ids truncated to `max_length`, the task's label encoding in a `labels` column."""
     text_fields = [data.text_field] + ([data.text_pair_field] if data.text_pair_field else [])
 
     def encode(batch: dict, indices: list[int], origin: str) -> dict:
-        for field in text_fields:
-            bad = [i for i, text in zip(indices, batch[field]) if not isinstance(text, str) or not text]
-            if bad:
-                raise DataError(f"{origin}: column {field!r} is empty or not text in row(s) {bad[:10]}")
+        check_texts(batch, text_fields, indices, origin)
         pair = batch[data.text_pair_field] if data.text_pair_field else None
         encoded = tokenizer(
             batch[data.text_field],
@@ -189,19 +215,16 @@ def tokenize_splits(splits: Splits, data: DataSection, labels: LabelSpace, token
             max_length=data.max_length,
             padding="max_length" if data.padding == "max_length" else False,
         )
-        raw = batch[data.label_field]
-        encoded["labels"] = [label2id[x] if isinstance(x, str) else x for x in raw]
+        encoded["labels"] = encode_labels(batch, indices, origin)
         return encoded
 
     def tokenize(dataset: Optional[datasets.Dataset], origin: str) -> Optional[datasets.Dataset]:
         if dataset is None:
             return None
-        tokenized = dataset.map(
+        return dataset.map(
             encode, batched=True, with_indices=True, fn_kwargs={"origin": origin},
             remove_columns=dataset.column_names, desc=f"tokenizing {origin}",
         )
-        check_label_range(tokenized, len(labels.names), origin, data.label_field)
-        return tokenized
 
     return Splits(
         tokenize(splits.train, splits.train_origin),
@@ -211,11 +234,12 @@ def tokenize_splits(splits: Splits, data: DataSection, labels: LabelSpace, token
     )
 
 
-def check_label_range(dataset: datasets.Dataset, num_labels: int, origin: str, column: str) -> None:
-    ids = dataset.with_format("numpy")["labels"]
-    bad = sorted({int(i) for i in ids if not 0 <= i < num_labels})
-    if bad:
-        raise DataError(f"{origin}: column {column!r} has label ids {bad[:10]} outside [0, {num_labels})")
+def check_texts(batch: dict, fields: list[str], indices: list[int], origin: str) -> None:
+    """Every row of `fields` holds non-empty text, or a DataError names the column and rows."""
+    for field in fields:
+        bad = [i for i, text in zip(indices, batch[field]) if not isinstance(text, str) or not text]
+        if bad:
+            raise DataError(f"{origin}: column {field!r} is empty or not text in row(s) {bad[:10]}")
 
 
 def length_grouped_order(lengths: list[int], batch_size: int, generator: torch.Generator) -> list[int]:

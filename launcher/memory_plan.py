@@ -24,7 +24,7 @@ from transformers import AutoConfig, BertConfig, LlamaConfig, PretrainedConfig
 from launcher.distributed import LaunchError, launched_world_size
 from launcher.modeling import apply_lora, count_parameters
 from launcher.recipe import Recipe
-from launcher.tasks import TASKS
+from launcher.tasks import task_class
 
 GIB = 1024**3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -151,9 +151,9 @@ def measure_model(recipe: Recipe) -> ModelSize:
     """Build the recipe's classifier (and LoRA) on the meta device and count its parameters exactly."""
     config, source = model_config(recipe.model.name_or_path)
     if recipe.task.type == "sequence_classification":
-        config.num_labels = recipe.task.num_labels
+        config.num_labels = recipe.task.head_outputs
     with torch.device("meta"):
-        task = TASKS[recipe.task.type]
+        task = task_class(recipe)
         model = task.model_class.from_config(config)
         if recipe.lora.enabled:
             model = apply_lora(model, recipe.lora, task.peft_task_type)

@@ -1,17 +1,31 @@
 """Evaluation metrics that work offline.
 
 `evaluate.load("accuracy")` fetches its metric script from the hub. Its accuracy, f1, precision,
-recall and glue/mrpc metrics are thin wrappers over scikit-learn's functions with these same
-arguments, so calling scikit-learn directly gives the same numbers with no network.
+recall, glue/mrpc and glue/stsb metrics are thin wrappers over scikit-learn's and SciPy's functions with
+these same arguments, so calling those directly gives the same numbers with no network.
+
+Each metric takes (references, predictions): class ids (single_label), 0/1 matrices of examples x classes
+(multi_label, where scikit-learn's accuracy is the exact-match ratio) or numbers (regression).
 """
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
-from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support, precision_score, recall_score
+from scipy.stats import pearsonr, spearmanr
+from sklearn.metrics import (
+    accuracy_score,
+    confusion_matrix,
+    f1_score,
+    mean_absolute_error,
+    mean_squared_error,
+    precision_recall_fscore_support,
+    precision_score,
+    recall_score,
+)
 
 from launcher.curves import NO_MATPLOTLIB, new_figure
 
@@ -19,12 +33,18 @@ MetricFn = Callable[[np.ndarray, np.ndarray], float]
 
 METRICS: dict[str, MetricFn] = {
     "accuracy": lambda refs, preds: accuracy_score(refs, preds),
-    "f1": lambda refs, preds: f1_score(refs, preds, average="binary", pos_label=1),
-    "f1_macro": lambda refs, preds: f1_score(refs, preds, average="macro"),
+    "exact_match": lambda refs, preds: accuracy_score(refs, preds),
+    "f1": lambda refs, preds: f1_score(refs, preds, average="binary", pos_label=1, zero_division=0),
     "precision": lambda refs, preds: precision_score(refs, preds, average="binary", pos_label=1, zero_division=0),
     "recall": lambda refs, preds: recall_score(refs, preds, average="binary", pos_label=1, zero_division=0),
-    "precision_macro": lambda refs, preds: precision_score(refs, preds, average="macro", zero_division=0),
-    "recall_macro": lambda refs, preds: recall_score(refs, preds, average="macro", zero_division=0),
+    **{f"{name}_{average}": partial(score, average=average, zero_division=0)
+       for name, score in (("f1", f1_score), ("precision", precision_score), ("recall", recall_score))
+       for average in ("macro", "micro")},
+    # A constant prediction has no correlation: SciPy warns and returns nan, which the log shows as it is.
+    "pearson": lambda refs, preds: pearsonr(refs, preds).statistic,
+    "spearman": lambda refs, preds: spearmanr(refs, preds).statistic,
+    "mse": lambda refs, preds: mean_squared_error(refs, preds),
+    "mae": lambda refs, preds: mean_absolute_error(refs, preds),
 }
 
 
@@ -34,23 +54,28 @@ def compute_metrics(names: Sequence[str], predictions: np.ndarray, references: n
 
 
 def predicted_class_counts(predictions: np.ndarray, label_names: Sequence[str]) -> dict[str, int]:
-    """How many predictions went to each class, every class listed: a model that collapsed to one class shows it."""
-    return dict(zip(label_names, np.bincount(predictions, minlength=len(label_names)).tolist()))
+    """How many predictions went to each class, every class listed: a model that collapsed to one class shows it.
+    `predictions` are class ids, or a 0/1 matrix of examples x classes (multi_label)."""
+    counts = predictions.sum(axis=0) if predictions.ndim == 2 else np.bincount(predictions, minlength=len(label_names))
+    return dict(zip(label_names, counts.tolist()))
 
 
 def per_class_report(predictions: np.ndarray, references: np.ndarray, label_names: Sequence[str]) -> dict[str, Any]:
-    """Per class (in id order) precision, recall, f1 and support (its examples), the confusion matrix as nested lists
-    (`confusion[true][predicted]`, scikit-learn's layout) and the predicted-class counts. JSON-ready."""
+    """Per class (in id order) precision, recall, f1 and support (its examples), the predicted-class counts and,
+    for class ids (single_label), the confusion matrix as nested lists (`confusion[true][predicted]`, scikit-learn's
+    layout). JSON-ready."""
     ids = list(range(len(label_names)))
     scores = precision_recall_fscore_support(references, predictions, labels=ids, zero_division=0)
-    return {
-        "classes": {
+    report = {
+        "per_class": {
             name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(n)}
             for name, p, r, f, n in zip(label_names, *scores)
         },
-        "confusion": confusion_matrix(references, predictions, labels=ids).tolist(),
         "predicted": predicted_class_counts(predictions, label_names),
     }
+    if predictions.ndim == 1:
+        report["confusion"] = confusion_matrix(references, predictions, labels=ids).tolist()
+    return report
 
 
 def collapse_note(predicted: dict[str, int]) -> Optional[str]:
@@ -65,13 +90,17 @@ CONFUSION_CORNER = "true \\ predicted"
 
 
 def per_class_table(report: dict[str, Any]) -> str:
-    """The report as text for the log: one row per class with its predicted count, then the confusion matrix."""
-    names = list(report["classes"])
+    """The report as text for the log: one row per class with its predicted count, then the confusion matrix
+    (single_label) or the classes never predicted (multi_label)."""
+    names = list(report["per_class"])
     width = max(len(CONFUSION_CORNER), *(len(n) for n in names))
     lines = [f"{'class':<{width}} {'precision':>9} {'recall':>9} {'f1':>9} {'support':>9} {'predicted':>9}"]
-    for name, row in report["classes"].items():
+    for name, row in report["per_class"].items():
         lines.append(f"{name:<{width}} {row['precision']:>9.3f} {row['recall']:>9.3f} {row['f1']:>9.3f} "
                      f"{row['support']:>9d} {report['predicted'][name]:>9d}")
+    if "confusion" not in report:
+        never = [name for name, count in report["predicted"].items() if not count]
+        return "\n".join(lines + ([f"never predicted: {', '.join(never)}"] if never else [])) + "\n"
     cell = max(9, *(len(n) for n in names))
     lines.append(f"{CONFUSION_CORNER:<{width}} " + " ".join(f"{n:>{cell}}" for n in names))
     lines += [f"{name:<{width}} " + " ".join(f"{count:>{cell}d}" for count in row) for name, row in zip(names, report["confusion"])]

@@ -14,7 +14,7 @@ from launcher.modeling import check_lora_architecture, load_tokenizer
 from launcher.optimization import steps_per_epoch, total_optimizer_steps, warmup_steps
 from launcher.packing import check_packing
 from launcher.recipe import Recipe
-from launcher.tasks import TASKS, build_task
+from launcher.tasks import build_task, task_class
 
 
 @dataclass
@@ -76,7 +76,11 @@ class RunPlan:
 def describe_task(recipe: Recipe) -> str:
     task, texts = recipe.task, "sentence pairs" if recipe.data.is_pair_task else "single text"
     if task.type == "sequence_classification":
-        return f"{task.num_labels}-class {texts}"
+        return {
+            "single_label": f"{task.num_labels}-class {texts}",
+            "multi_label": f"multi-label {texts}, {task.num_labels} classes, threshold {task.threshold:g}",
+            "regression": f"regression on {texts}",
+        }[task.problem_type]
     trained = {"chat": "assistant turns", "prompt_completion": "completions", "labelled": "answers"}[task.format]
     return f"causal LM SFT, format {task.format} (loss on the {trained} only)"
 
@@ -128,7 +132,7 @@ def check_data(recipe: Recipe, plan: RunPlan) -> None:
     try:
         tokenizer = load_tokenizer(recipe.model)
     except (OSError, ValueError) as err:
-        splits = load_splits(recipe.data, TASKS[recipe.task.type].columns(recipe))
+        splits = load_splits(recipe.data, task_class(recipe).columns(recipe))
         plan.notes.append(f"rows not tokenized here: tokenizer not loadable ({str(err).splitlines()[0][:120]})")
     else:
         task = build_task(recipe, tokenizer)

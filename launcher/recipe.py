@@ -12,10 +12,24 @@ from typing import Annotated, Any, Literal, Optional, Union, get_args
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationInfo, field_validator, model_validator
 
 Precision = Literal["fp32", "bf16", "fp16"]
+ProblemType = Literal["single_label", "multi_label", "regression"]
 MetricName = Literal[
-    "accuracy", "f1", "f1_macro", "precision", "recall", "precision_macro", "recall_macro"
+    "accuracy", "f1", "f1_macro", "precision", "recall", "precision_macro", "recall_macro",
+    "exact_match", "f1_micro", "precision_micro", "recall_micro",
+    "pearson", "spearman", "mse", "mae",
 ]
 BINARY_ONLY_METRICS = ("f1", "precision", "recall")
+METRICS_OF_PROBLEM: dict[str, tuple[str, ...]] = {
+    "single_label": ("accuracy", "f1", "f1_macro", "precision", "recall", "precision_macro", "recall_macro"),
+    "multi_label": ("exact_match", "f1_micro", "f1_macro", "precision_micro", "recall_micro", "precision_macro",
+                    "recall_macro"),
+    "regression": ("pearson", "spearman", "mse", "mae"),
+}
+DEFAULT_METRICS: dict[str, list[str]] = {
+    "single_label": ["accuracy"],
+    "multi_label": ["f1_micro", "f1_macro", "exact_match"],
+    "regression": ["pearson", "spearman", "mse"],  # GLUE STS-B's
+}
 
 
 class Section(BaseModel):
@@ -70,7 +84,11 @@ class DataSection(Section):
     text_pair_field: Optional[str] = None
     """Column holding the second sentence of a pair task (e.g. `sentence2` for MRPC); null for single-text tasks."""
     label_field: str = "label"
-    """Column holding the label: integer ids or strings (strings are mapped to ids, names kept as `id2label`)."""
+    """Column holding the label: integer ids or strings (strings are mapped to ids, names kept as `id2label`);
+    multi_label: a list of names or ids per row (json / jsonl / parquet / hub); regression: a number."""
+    label_columns: Optional[list[str]] = Field(default=None, min_length=2)
+    """multi_label: one 0/1 column per class instead of `label_field` (e.g. a CSV with `toxic,insult,threat`
+    columns); the column names are the class names."""
     label_names: Optional[list[str]] = None
     """Fix the order of string labels (id = position). Default: sorted unique strings, or the dataset's ClassLabel names."""
     train_samples: Optional[int] = Field(default=None, ge=1)
@@ -98,6 +116,11 @@ class DataSection(Section):
             raise ValueError("set exactly one of `dataset` (hub name or folder) and `train_file` (local file)")
         if self.eval_fraction is not None and (self.eval_file is not None or (self.dataset and self.eval_split)):
             raise ValueError("`eval_fraction` carves eval from train: set `eval_split: null` and no `eval_file`")
+        if self.label_columns is not None:
+            if len(set(self.label_columns)) != len(self.label_columns):
+                raise ValueError("label_columns: each column once")
+            if self.label_names is not None or self.label_field != DataSection.model_fields["label_field"].default:
+                raise ValueError("label_columns name the classes themselves: leave out label_field and label_names")
         return self
 
     @property
@@ -109,12 +132,33 @@ class ClassificationTask(Section):
     type: Literal["sequence_classification"] = "sequence_classification"
     """What the model learns: `sequence_classification` (a classification head: BERT's `classifier`, a decoder's
     `score` on the last token; the default) or `causal_lm` (generative fine-tuning of the LM head, SFT)."""
-    num_labels: int = Field(ge=2)
-    """Number of classes (5 for yelp_review_full, 2 for MRPC)."""
+    problem_type: ProblemType = "single_label"
+    """`single_label`: one class per example (softmax, cross-entropy). `multi_label`: any number of classes per
+    example (a sigmoid per class, binary cross-entropy; labels as a list per row or `data.label_columns`).
+    `regression`: one number per example (a single output, mean squared error; e.g. GLUE STS-B's 0-5 similarity)."""
+    num_labels: Optional[int] = Field(default=None, ge=1)
+    """Number of classes (5 for yelp_review_full, 2 for MRPC, 28 for go_emotions); leave out for regression."""
+    threshold: float = Field(default=0.5, gt=0.0, lt=1.0)
+    """multi_label: a class is predicted when its sigmoid probability is at least this."""
+
+    @model_validator(mode="after")
+    def _fields_of_the_problem_type(self) -> "ClassificationTask":
+        if self.problem_type == "regression" and self.num_labels not in (None, 1):
+            raise ValueError("problem_type regression predicts one number: leave num_labels out")
+        if self.problem_type != "regression" and (self.num_labels is None or self.num_labels < 2):
+            raise ValueError(f"problem_type {self.problem_type} needs num_labels (the number of classes, at least 2)")
+        if self.threshold != ClassificationTask.model_fields["threshold"].default and self.problem_type != "multi_label":
+            raise ValueError("threshold applies to problem_type multi_label only")
+        return self
 
     @property
     def label_count(self) -> Optional[int]:
-        return self.num_labels
+        return None if self.problem_type == "regression" else self.num_labels
+
+    @property
+    def head_outputs(self) -> int:
+        """Outputs of the head: one per class, one for regression."""
+        return self.num_labels or 1
 
 
 CAUSAL_LM_FORMAT_FIELDS = {
@@ -161,10 +205,12 @@ class CausalLMTask(Section):
 
     @model_validator(mode="after")
     def _fields_of_the_format(self) -> "CausalLMTask":
+        # Set to something other than the default: a resolved recipe (every field written out) reloads.
         foreign = sorted(
             name for name in self.model_fields_set
             if any(name in fields for fields in CAUSAL_LM_FORMAT_FIELDS.values())
             and name not in CAUSAL_LM_FORMAT_FIELDS[self.format]
+            and getattr(self, name) != CausalLMTask.model_fields[name].default
         )
         if foreign:
             raise ValueError(f"{', '.join(foreign)} do(es) not apply to format {self.format!r}")
@@ -226,6 +272,12 @@ class TrainingSection(Section):
     precision_fallback: bool = False
     """If bf16/fp16 is requested on hardware without it (fp16 on CPU, bf16 on a V100 or a 910A NPU), fall back to
     fp32 with a warning instead of failing."""
+    class_weights: Optional[Union[Literal["balanced"], list[Annotated[float, Field(gt=0.0)]]]] = None
+    """single_label classification: weight each example's cross-entropy by its class's weight, so rare classes
+    count more. `balanced`: examples / (classes x examples of the class), from the training set (scikit-learn's
+    rule; the weights average 1 over the training examples), or one weight per class in id order. The loss is the
+    mean of the weighted example losses (not divided by the weights' sum as torch's weighted mean is), so a step's
+    loss is the same however its examples are split into micro-batches and processes."""
     seed: int = Field(default=42, ge=0, lt=2**32)
     """Seed of model init (classification head), shuffling and dropout. Same recipe + seed = same losses on CPU."""
     log_every_steps: int = Field(default=10, ge=1)
@@ -250,9 +302,12 @@ class TrainingSection(Section):
 
 class EvaluationSection(Section):
     metrics: Optional[list[MetricName]] = None
-    """Metrics computed on the eval set besides the loss: accuracy, f1/precision/recall (binary, positive label 1),
-    and *_macro. null: accuracy for classification and labelled causal_lm, none for chat / prompt_completion
-    (whose eval loss and perplexity are always reported)."""
+    """Metrics computed on the eval set besides the loss. single_label: accuracy, f1/precision/recall (binary,
+    positive label 1), and *_macro. multi_label: exact_match (every class right), f1/precision/recall as *_micro
+    (over all example-class decisions) and *_macro (mean over classes). regression: pearson, spearman, mse, mae.
+    null: accuracy (single_label and labelled causal_lm), f1_micro, f1_macro and exact_match (multi_label), pearson,
+    spearman and mse (regression), none for chat / prompt_completion (whose eval loss and perplexity are always
+    reported)."""
     every_steps: Optional[int] = Field(default=None, ge=1)
     """Also evaluate every this many optimizer steps (always at each epoch end)."""
     batch_size: Optional[int] = Field(default=None, ge=1)
@@ -319,10 +374,24 @@ class Recipe(Section):
     @model_validator(mode="after")
     def _cross_section_rules(self) -> "Recipe":
         problems = []
-        classifies = self.task.type == "sequence_classification" or self.task.format == "labelled"
-        if not classifies and self.evaluation.metrics:
+        problem = self.problem_type
+        if problem is None and self.evaluation.metrics:
             problems.append(f"evaluation.metrics {self.evaluation.metrics} need labels: causal_lm format "
                             f"{self.task.format!r} reports eval loss and perplexity; use format labelled for accuracy / F1")
+        foreign = [m for m in self.evaluation.metrics or [] if problem and m not in METRICS_OF_PROBLEM[problem]]
+        if foreign:
+            problems.append(f"evaluation.metrics {foreign} do not apply to {problem}: choose from "
+                            f"{', '.join(METRICS_OF_PROBLEM[problem])}")
+        weights = self.training.class_weights
+        if weights is not None and (self.task.type != "sequence_classification" or problem != "single_label"):
+            problems.append("training.class_weights apply to sequence_classification with problem_type single_label only")
+        elif isinstance(weights, list) and len(weights) != self.task.num_labels:
+            problems.append(f"training.class_weights has {len(weights)} weights but task.num_labels is {self.task.num_labels}")
+        if self.data.label_columns is not None and problem != "multi_label":
+            problems.append("data.label_columns (one 0/1 column per class) apply to problem_type multi_label only")
+        if self.data.label_columns is not None and self.task.label_count not in (None, len(self.data.label_columns)):
+            problems.append(f"data.label_columns has {len(self.data.label_columns)} columns but task.num_labels is "
+                            f"{self.task.label_count}")
         classes = self.task.label_count or (len(self.data.label_names) if self.data.label_names else None)
         binary_only = [m for m in self.metric_names if m in BINARY_ONLY_METRICS]
         if binary_only and classes is not None and classes != 2:
@@ -341,12 +410,19 @@ class Recipe(Section):
         return self
 
     @property
+    def problem_type(self) -> Optional[str]:
+        """What the evaluation scores: the classification problem type; labelled causal_lm picks one class per
+        example (single_label); None for generation without labels."""
+        if self.task.type == "sequence_classification":
+            return self.task.problem_type
+        return "single_label" if self.task.format == "labelled" else None
+
+    @property
     def metric_names(self) -> list[str]:
-        """The metrics to compute: the recipe's, or the task's default."""
+        """The metrics to compute: the recipe's, or the problem type's default."""
         if self.evaluation.metrics is not None:
             return list(self.evaluation.metrics)
-        classifies = self.task.type == "sequence_classification" or self.task.format == "labelled"
-        return ["accuracy"] if classifies else []
+        return list(DEFAULT_METRICS[self.problem_type]) if self.problem_type else []
 
     @property
     def evaluates_before_training(self) -> bool:

@@ -112,3 +112,29 @@ def write_csv(path: Path, rows: list[dict]) -> Path:
         writer.writeheader()
         writer.writerows(rows)
     return path
+
+
+# Topics drawn from the tiny tokenizer's vocabulary (other words would all be [UNK]).
+TOPICS = {"praise": POSITIVE[:4], "blame": NEGATIVE[:4], "style": POSITIVE[4:]}
+
+
+def topic_rows(n: int, seed: int) -> list[dict]:
+    """Multi-label rows: each text mentions words of 0 to 3 topics among filler; its labels are those topics, as a
+    list (`topics`) and as one 0/1 column per topic."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        present = sorted(topic for topic in TOPICS if rng.random() < 0.4)
+        words = [rng.choice(FILLER) for _ in range(rng.randint(2, 8))]
+        for topic in present:
+            words.insert(rng.randrange(len(words) + 1), rng.choice(TOPICS[topic]))
+        rows.append({"text": " ".join(words), "topics": present, **{topic: int(topic in present) for topic in TOPICS}})
+    return rows
+
+
+def rating_rows(n: int, seed: int) -> list[dict]:
+    """Regression rows: a review's `score` from 0 to 5, high for positive sentiment words, low for negative
+    ones, with noise."""
+    rng = random.Random(seed)
+    return [{"text": row["text"], "score": round((4.0 if row["label"] else 1.0) + rng.uniform(-0.8, 0.8), 2)}
+            for row in sentiment_rows(n, seed)]

@@ -10,6 +10,7 @@ from launcher.data import (
     DataError,
     EpochShuffleSampler,
     build_collator,
+    class_id_encoder,
     build_dataloaders,
     labelled_text_columns,
     load_splits,
@@ -122,14 +123,14 @@ def test_integer_labels_out_of_range_are_named(tmp_path, assets):
     labels = resolve_labels(splits, data, 2)
     tokenizer = AutoTokenizer.from_pretrained(assets["bert"])
     with pytest.raises(DataError, match=r"ints.csv: column 'label' has label ids \[5\] outside \[0, 2\)"):
-        tokenize_splits(splits, data, labels, tokenizer)
+        tokenize_splits(splits, data, tokenizer, class_id_encoder(data, labels))
 
 
 def test_pairs_are_encoded_as_one_sequence_with_two_segments(assets):
     data = section(train_file=str(assets["pair_train_csv"]), text_field="sentence1", text_pair_field="sentence2")
     splits = load(data)
     tokenizer = AutoTokenizer.from_pretrained(assets["bert"])
-    tokenized = tokenize_splits(splits, data, resolve_labels(splits, data, 2), tokenizer).train
+    tokenized = tokenize_splits(splits, data, tokenizer, class_id_encoder(data, resolve_labels(splits, data, 2))).train
     first = tokenized[0]
     assert first["input_ids"].count(tokenizer.sep_token_id) == 2
     assert set(first["token_type_ids"]) == {0, 1}
@@ -142,7 +143,7 @@ def test_truncation_and_max_length_padding(assets, tmp_path):
     for padding, check in (("max_length", lambda n: n == {8}), ("dynamic", lambda n: max(n) <= 8 and len(n) > 1)):
         data = section(train_file=str(assets["train_csv"]), max_length=8, padding=padding)
         splits = load(data)
-        tokenized = tokenize_splits(splits, data, resolve_labels(splits, data, 2), tokenizer).train
+        tokenized = tokenize_splits(splits, data, tokenizer, class_id_encoder(data, resolve_labels(splits, data, 2))).train
         assert check({len(ids) for ids in tokenized["input_ids"]}), padding
 
 
@@ -151,7 +152,7 @@ def test_dynamic_padding_pads_each_batch_to_its_longest(assets, tmp_path, precis
     recipe = recipe_with(assets, tmp_path, precision=precision)
     tokenizer = AutoTokenizer.from_pretrained(assets["bert"])
     splits = load(recipe.data)
-    tokenized = tokenize_splits(splits, recipe.data, resolve_labels(splits, recipe.data, 2), tokenizer)
+    tokenized = tokenize_splits(splits, recipe.data, tokenizer, class_id_encoder(recipe.data, resolve_labels(splits, recipe.data, 2)))
     train_loader, eval_loader = build_dataloaders(tokenized, recipe, *SequenceClassification(recipe, tokenizer).collators())
     widths = set()
     for batch in eval_loader:

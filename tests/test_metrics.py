@@ -68,17 +68,17 @@ def test_per_class_report_by_hand():
         "neutral": {"precision": 2 / 3, "recall": 1.0, "f1": 0.8, "support": 2},
         "pos": {"precision": 1.0, "recall": 0.5, "f1": 2 / 3, "support": 2},
     }
-    assert list(report["classes"]) == list(expected)
-    assert all(report["classes"][name] == pytest.approx(row) for name, row in expected.items())
+    assert list(report["per_class"]) == list(expected)
+    assert all(report["per_class"][name] == pytest.approx(row) for name, row in expected.items())
     assert report["confusion"] == [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
     assert report["predicted"] == {"neg": 2, "neutral": 3, "pos": 1}
     macro = compute_metrics(["f1_macro"], THREE_CLASS_PREDS, THREE_CLASS_REFS)["f1_macro"]
-    assert macro == pytest.approx(np.mean([row["f1"] for row in report["classes"].values()]))
+    assert macro == pytest.approx(np.mean([row["f1"] for row in report["per_class"].values()]))
 
 
 def test_classes_absent_from_the_eval_set_are_listed_with_zeros():
     report = per_class_report(np.array([0, 0, 1]), np.array([0, 1, 1]), ["a", "b", "c"])
-    assert report["classes"]["c"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
+    assert report["per_class"]["c"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
     assert report["confusion"][2] == [0, 0, 0] and report["predicted"] == {"a": 2, "b": 1, "c": 0}
     assert predicted_class_counts(np.array([2, 2]), ["a", "b", "c"]) == {"a": 0, "b": 0, "c": 2}
 

@@ -62,7 +62,7 @@ def test_unknown_keys_at_any_depth_are_named_with_did_you_mean(tmp_path):
 
 def test_unknown_key_without_close_match_lists_valid_keys(tmp_path):
     problems = problems_of(write(tmp_path, {**MINIMAL, "task": {"num_labels": 5, "zzz": 1}}))
-    assert problems == ["task.zzz: unknown key; valid keys here: num_labels, type"]
+    assert problems == ["task.zzz: unknown key; valid keys here: num_labels, problem_type, threshold, type"]
 
 
 def test_all_problems_reported_together(tmp_path):

@@ -27,7 +27,7 @@ from launcher.flops import count_non_embedding_parameters, model_flops_utilizati
 from launcher.memory_plan import Topology, estimate_memory, measure_model, model_config
 from launcher.modeling import apply_lora
 from launcher.recipe_loader import load_recipe
-from launcher.tasks import TASKS
+from launcher.tasks import task_class
 
 @dataclass(frozen=True)
 class Benchmark:
@@ -114,8 +114,8 @@ def lora_parameters(recipe) -> dict[str, int]:
     `launcher.memory_plan.measure_model` builds the recipe's model)."""
     config = model_config(recipe.model.name_or_path)[0]
     if recipe.task.type == "sequence_classification":
-        config.num_labels = recipe.task.num_labels
-    task = TASKS[recipe.task.type]
+        config.num_labels = recipe.task.head_outputs
+    task = task_class(recipe)
     with torch.device("meta"):
         base = task.model_class.from_config(config)
         base_parameters = count_non_embedding_parameters(base)

@@ -1,4 +1,5 @@
-"""One module per kind of fine-tuning behind `launcher.tasks.base.Task`, chosen once from `task.type`."""
+"""One module per kind of fine-tuning behind `launcher.tasks.base.Task`, chosen once from the recipe's `task`
+(its `type`, and for classification its `problem_type`)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,21 @@ from launcher.recipe import Recipe
 from launcher.tasks.base import Task
 from launcher.tasks.causal_lm import CausalLanguageModeling
 from launcher.tasks.classification import SequenceClassification
+from launcher.tasks.multi_label import MultiLabelClassification
+from launcher.tasks.regression import Regression
 
-TASKS: dict[str, type[Task]] = {
-    "sequence_classification": SequenceClassification,
-    "causal_lm": CausalLanguageModeling,
+CLASSIFICATION_PROBLEMS: dict[str, type[Task]] = {
+    "single_label": SequenceClassification,
+    "multi_label": MultiLabelClassification,
+    "regression": Regression,
 }
 
 
+def task_class(recipe: Recipe) -> type[Task]:
+    if recipe.task.type == "causal_lm":
+        return CausalLanguageModeling
+    return CLASSIFICATION_PROBLEMS[recipe.task.problem_type]
+
+
 def build_task(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> Task:
-    return TASKS[recipe.task.type](recipe, tokenizer)
+    return task_class(recipe)(recipe, tokenizer)

@@ -26,7 +26,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokeni
 from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.utils import ModelOutput
 
-from launcher.data import DataError, LabelSpace, Splits, labelled_text_columns, resolve_labels
+from launcher.data import DataError, LabelSpace, Splits, class_id, labelled_text_columns, resolve_labels
 from launcher.forward_routes import add_forward_route
 from launcher.metrics import compute_metrics
 from launcher.recipe import Recipe
@@ -199,8 +199,8 @@ class CausalLanguageModeling(Task):
 
     def class_of(self, row: dict[str, Any], where: str) -> int:
         label = row[self.recipe.data.label_field]
-        index = self.labels.label2id.get(label) if isinstance(label, str) else label
-        if not isinstance(index, int) or not 0 <= index < len(self.answers()):
+        index = class_id(label, self.labels)
+        if index is None:
             raise DataError(f"{where}: column {self.recipe.data.label_field!r} holds {label!r}, which has no label "
                             f"word (task.label_words has {len(self.answers())} in id order)")
         return index

@@ -1,0 +1,72 @@
+"""`problem_type: multi_label`: any number of classes per example. One sigmoid per class and binary cross-entropy
+(averaged over the classes, then over examples, as transformers' own multi-label loss); a class is predicted when
+its probability reaches `task.threshold`. Labels are a list of names or ids per row, or one 0/1 column per class
+(`data.label_columns`). Metrics: exact match and micro / macro precision, recall, F1."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import datasets
+import torch
+import torch.nn.functional as F
+
+from launcher.data import DataError, LabelEncoder, LabelSpace, Splits, class_id, resolve_labels
+from launcher.tasks.classification import SequenceClassification
+
+TRUE_OR_FALSE = {0, 1, True, False}
+
+
+class MultiLabelClassification(SequenceClassification):
+    hf_problem_type = "multi_label_classification"
+
+    def resolve_labels(self, splits: Splits) -> LabelSpace:
+        columns = self.recipe.data.label_columns
+        if columns:
+            return LabelSpace(list(columns))
+        return resolve_labels(splits, self.recipe.data, self.recipe.task.num_labels, per_row_lists=True)
+
+    def label_encoder(self) -> LabelEncoder:
+        """Each row's classes as a multi-hot float vector (BCE's targets)."""
+        columns, field, count = self.recipe.data.label_columns, self.recipe.data.label_field, len(self.labels.names)
+
+        def from_columns(batch: dict, indices: list[int], origin: str) -> list[list[float]]:
+            for column in columns:
+                bad = [row for row, value in zip(indices, batch[column]) if value not in TRUE_OR_FALSE]
+                if bad:
+                    raise DataError(f"{origin}: column {column!r} must hold 0 or 1 (data.label_columns) in row(s) {bad[:10]}")
+            return [[float(value) for value in row] for row in zip(*(batch[column] for column in columns))]
+
+        def from_lists(batch: dict, indices: list[int], origin: str) -> list[list[float]]:
+            encoded = []
+            for row, labels in zip(indices, batch[field]):
+                ids = [class_id(label, self.labels) for label in labels or []]
+                if None in ids:
+                    raise DataError(f"{origin}: column {field!r} row {row} holds {labels!r}: ids must be in [0, {count})")
+                encoded.append([float(i in ids) for i in range(count)])
+            return encoded
+
+        return from_columns if columns else from_lists
+
+    def set_class_weights(self, train: datasets.Dataset) -> None:
+        """Class weights are a single_label setting (the recipe refuses them here)."""
+
+    def class_ids(self, train: datasets.Dataset) -> Optional[list[int]]:
+        return None  # an example has no single class to keep the batches' mix of
+
+    def example_losses(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.binary_cross_entropy_with_logits(logits.float(), labels.float(), reduction="none").mean(dim=-1)
+
+    def predictions(self, logits: torch.Tensor) -> torch.Tensor:
+        return (self.probabilities(logits) >= self.recipe.task.threshold).long()
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits.float().sigmoid()
+
+    def prediction_columns(self, logits: torch.Tensor) -> dict[str, list]:
+        chosen = self.predictions(logits).cpu()
+        return {"predicted_labels": [[name for name, on in zip(self.labels.names, row) if on] for row in chosen.tolist()],
+                **self.probability_columns(logits)}
+
+    def score(self, predictions, references) -> dict[str, Any]:
+        return super().score(predictions, references.astype(int))
