@@ -133,13 +133,16 @@ def labelled_text_columns(data: DataSection) -> list[str]:
 
 def check_columns(splits: Splits, wanted: list[str]) -> None:
     for dataset, origin in ((splits.train, splits.train_origin), (splits.eval, splits.eval_origin)):
-        if dataset is None:
-            continue
-        if len(dataset) == 0:
-            raise DataError(f"{origin}: no examples")
-        missing = [c for c in wanted if c not in dataset.column_names]
-        if missing:
-            raise DataError(f"{origin}: missing column(s) {missing}; it has {dataset.column_names}")
+        if dataset is not None:
+            check_dataset_columns(dataset, origin, wanted)
+
+
+def check_dataset_columns(dataset: datasets.Dataset, origin: str, wanted: list[str]) -> None:
+    if len(dataset) == 0:
+        raise DataError(f"{origin}: no examples")
+    missing = [c for c in wanted if c not in dataset.column_names]
+    if missing:
+        raise DataError(f"{origin}: missing column(s) {missing}; it has {dataset.column_names}")
 
 
 def resolve_labels(splits: Splits, data: DataSection, num_labels: Optional[int], per_row_lists: bool = False) -> LabelSpace:
@@ -195,8 +198,9 @@ def class_id_encoder(data: DataSection, labels: LabelSpace) -> LabelEncoder:
         ids = [class_id(label, labels) for label in batch[data.label_field]]
         bad = [(row, label) for row, label, index in zip(indices, batch[data.label_field], ids) if index is None]
         if bad:
-            raise DataError(f"{origin}: column {data.label_field!r} has label ids {sorted({label for _, label in bad}, key=str)[:10]} "
-                            f"outside [0, {len(labels.names)}) in row(s) {[row for row, _ in bad][:10]}")
+            raise DataError(f"{origin}: column {data.label_field!r} has labels {sorted({label for _, label in bad}, key=str)[:10]} "
+                            f"in row(s) {[row for row, _ in bad][:10]} that are neither a class name "
+                            f"{labels.names[:10]} nor an id in [0, {len(labels.names)})")
         return ids
     return encode
 

@@ -28,7 +28,11 @@ class RecipeError(ValueError):
 
 def load_recipe(path: str | Path, overrides: Iterable[str] = ()) -> Recipe:
     """Read `path` (following `base:`), apply `overrides` (`a.b=value`), validate, return the Recipe."""
-    raw = load_raw(path)
+    return build_recipe(load_raw(path), overrides, str(path))
+
+
+def build_recipe(raw: dict[str, Any], overrides: Iterable[str], source: str) -> Recipe:
+    """`raw` with `overrides` applied, validated; every problem is gathered into one RecipeError naming `source`."""
     problems: list[str] = []
     for override in overrides:
         try:
@@ -40,7 +44,7 @@ def load_recipe(path: str | Path, overrides: Iterable[str] = ()) -> Recipe:
     except ValidationError as err:
         problems.extend(describe_validation_errors(err))
     if problems:
-        raise RecipeError(str(path), problems)
+        raise RecipeError(source, problems)
     return recipe
 
 

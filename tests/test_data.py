@@ -122,7 +122,7 @@ def test_integer_labels_out_of_range_are_named(tmp_path, assets):
     splits = load(data)
     labels = resolve_labels(splits, data, 2)
     tokenizer = AutoTokenizer.from_pretrained(assets["bert"])
-    with pytest.raises(DataError, match=r"ints.csv: column 'label' has label ids \[5\] outside \[0, 2\)"):
+    with pytest.raises(DataError, match=r"ints.csv: column 'label' has labels \[5\] in row\(s\) \[2\] that are neither a class name"):
         tokenize_splits(splits, data, tokenizer, class_id_encoder(data, labels))
 
 

@@ -1,0 +1,293 @@
+"""Use a trained classifier on new data: every row's prediction, or the recipe's metrics on a labelled file.
+
+    python -m launcher.predict outputs/demo --input reviews.csv --output predictions.csv
+    python -m launcher.predict outputs/demo --input data/rotten_tomatoes/test.csv --evaluate
+    python -m launcher.predict outputs/demo/checkpoints/step-00000125 --input reviews.jsonl data.text_field=review
+
+SOURCE is a run directory (its `model/`, else its `adapter/`, else its newest sealed checkpoint), an exported
+model folder, a LoRA adapter folder or a checkpoint folder. The run's `recipe.resolved.yaml` (found beside
+them) says which columns hold the text and the labels and how long inputs may be; `section.key=value`
+overrides change that for the input file (`data.text_field=review`, `task.threshold=0.3`). A model folder
+copied away from its run is read with the recipe defaults (column `text`) and its config's problem type.
+
+Rows are tokenized as in training (truncated at `data.max_length`) and run longest first in batches padded to
+their longest member. The output is the input's columns plus the predictions, in input order: the predicted
+label name and id and every class's probability (single_label), the predicted labels and every class's
+probability (multi_label), or the predicted value (regression). It is written to a temporary file and renamed
+into place, so an error or a kill never leaves half a file. Formats follow the file suffix (.csv .json .jsonl
+.parquet); in CSV a list of labels is joined with `|`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import datasets
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+from transformers import AutoConfig, DataCollatorWithPadding
+
+from launcher.checkpointing import CHECKPOINTS, MANIFEST, sealed_checkpoints
+from launcher.data import (
+    FILE_BUILDERS,
+    DataError,
+    LabelSpace,
+    check_dataset_columns,
+    check_texts,
+    load_file as load_data_file,
+    load_splits,
+)
+from launcher.devices import detect_device
+from launcher.metrics import per_class_table
+from launcher.modeling import load_model, load_tokenizer
+from launcher.recipe import Recipe
+from launcher.recipe_loader import RecipeError, build_recipe, load_raw
+from launcher.run_directory import RESOLVED_RECIPE
+from launcher.tasks import build_task
+from launcher.tasks.classification import SequenceClassification, model_inputs
+
+PROBLEM_TYPE_OF_CONFIG = {"single_label_classification": "single_label", "multi_label_classification": "multi_label",
+                          "regression": "regression"}
+CHECKPOINT_WEIGHTS = "model.safetensors"  # what Accelerate's save_state writes for an unsharded model
+
+
+class PredictError(ValueError):
+    """The source cannot be used for predictions as asked."""
+
+
+@dataclass
+class Source:
+    """What SOURCE turned out to be."""
+
+    kind: str  # "model", "adapter" or "checkpoint"
+    folder: Path
+    recipe_file: Optional[Path]
+
+
+@dataclass
+class Predictor:
+    recipe: Recipe
+    task: SequenceClassification
+    model: torch.nn.Module
+    device: torch.device
+
+
+def resolve_source(path: Path) -> Source:
+    """A run directory stands for its final model (or adapter, or newest checkpoint); the recipe is the run's."""
+    if not path.is_dir():
+        raise PredictError(f"{path}: not a folder (give a run directory, a model, adapter or checkpoint folder)")
+    if (path / RESOLVED_RECIPE).is_file():
+        for name in ("model", "adapter"):
+            if (path / name).is_dir():
+                return resolve_source(path / name)
+        checkpoints = sealed_checkpoints(path / CHECKPOINTS)
+        if not checkpoints:
+            raise PredictError(f"{path}: a run directory with no model/, adapter/ or sealed checkpoint yet")
+        return resolve_source(checkpoints[-1])
+    recipe_file = next((folder / RESOLVED_RECIPE for folder in (path.parent, path.parent.parent)
+                        if (folder / RESOLVED_RECIPE).is_file()), None)
+    if (path / MANIFEST).is_file():
+        if recipe_file is None:
+            raise PredictError(f"{path}: a checkpoint needs its run's {RESOLVED_RECIPE} (two folders up) to rebuild the model")
+        return Source("checkpoint", path, recipe_file)
+    if (path / "adapter_config.json").is_file():
+        if recipe_file is None:
+            raise PredictError(f"{path}: a LoRA adapter needs its run's {RESOLVED_RECIPE} (one folder up) for the base "
+                               "model and the class names")
+        return Source("adapter", path, recipe_file)
+    if (path / "config.json").is_file():
+        return Source("model", path, recipe_file)
+    raise PredictError(f"{path}: holds no {RESOLVED_RECIPE}, config.json, adapter_config.json or {MANIFEST}")
+
+
+def recipe_for(source: Source, overrides: list[str]) -> Recipe:
+    """The run's recipe, pointed at `source`; for a model folder without its run, one built from its config."""
+    if source.recipe_file is not None:
+        raw = load_raw(source.recipe_file)
+    else:
+        config = AutoConfig.from_pretrained(source.folder)
+        problem_type = PROBLEM_TYPE_OF_CONFIG.get(config.problem_type or "", "single_label")
+        raw = {"model": {"name_or_path": str(source.folder)}, "data": {"train_file": "unused.csv"},
+               "task": {"problem_type": problem_type, **({} if problem_type == "regression" else {"num_labels": config.num_labels})},
+               "output": {"dir": str(source.folder)}}
+    if source.kind == "model":
+        raw["model"]["name_or_path"] = str(source.folder)  # the trained weights, not the run's starting point
+    recipe = build_recipe(raw, overrides, str(source.recipe_file or source.folder))
+    if recipe.task.type != "sequence_classification":
+        raise PredictError(f"{source.folder}: launcher.predict serves classification and regression models; a causal_lm "
+                           "model generates text (AutoModelForCausalLM.generate)")
+    return recipe
+
+
+def load_predictor(path: Path, overrides: list[str]) -> Predictor:
+    source = resolve_source(path)
+    recipe = recipe_for(source, overrides)
+    task = build_task(recipe, load_tokenizer(recipe.model))
+    if source.kind == "model":
+        model = task.model_class.from_pretrained(source.folder)
+    else:
+        task.labels = training_labels(recipe, task)
+        model = load_trained(source, recipe, task)
+    task.labels = LabelSpace([model.config.id2label[i] for i in range(model.config.num_labels)])
+    device = torch.device(detect_device().type)
+    print(f"predict: {source.kind} {source.folder} ({recipe.task.problem_type}, {len(task.labels.names)} output(s) "
+          f"{task.labels.names[:8]}{' ...' if len(task.labels.names) > 8 else ''}) on {device}")
+    return Predictor(recipe, task, model.to(device).eval(), device)
+
+
+def training_labels(recipe: Recipe, task: SequenceClassification) -> LabelSpace:
+    """The class names in id order, worked out from the run's data as training did (an adapter or a checkpoint
+    carries the head's weights, not its names)."""
+    try:
+        return task.resolve_labels(load_splits(recipe.data, task.columns(recipe)))
+    except DataError as err:
+        raise PredictError(f"the class names come from the run's training data, which cannot be read here: {err}") from err
+
+
+def load_trained(source: Source, recipe: Recipe, task: SequenceClassification) -> torch.nn.Module:
+    """The recipe's model rebuilt as training built it (base, head, LoRA), with the trained weights put in."""
+    if source.kind == "adapter":
+        base = task.model_class.from_pretrained(recipe.model.name_or_path, **task.model_kwargs())
+        base.config.pad_token_id = task.tokenizer.pad_token_id
+        return PeftModel.from_pretrained(base, source.folder)
+    weights = source.folder / CHECKPOINT_WEIGHTS
+    if not weights.is_file():
+        sharded = sorted(p.name for p in source.folder.iterdir() if p.is_dir())
+        raise PredictError(f"{source.folder}: no {CHECKPOINT_WEIGHTS}: a sharded (DeepSpeed / FSDP) checkpoint ({sharded}); "
+                           "use the run's exported model/ or adapter/, or resume the run until it exports one")
+    model = load_model(recipe, task, task.tokenizer)
+    model.load_state_dict(load_file(str(weights)))
+    return model
+
+
+def read_input(path: str, recipe: Recipe, evaluate: bool, task: SequenceClassification) -> datasets.Dataset:
+    """The input rows, with the text columns (and, to evaluate, the label columns) checked."""
+    dataset = load_data_file(path)
+    data = recipe.data
+    texts = [data.text_field] + ([data.text_pair_field] if data.text_pair_field else [])
+    check_dataset_columns(dataset, path, task.columns(recipe) if evaluate else texts)
+    check_texts(dataset.to_dict(), texts, list(range(len(dataset))), path)
+    return dataset
+
+
+@torch.no_grad()
+def predict_logits(predictor: Predictor, dataset: datasets.Dataset, batch_size: int) -> torch.Tensor:
+    """Every row's logits, in input order; batches run longest first, each padded to its longest row."""
+    recipe, tokenizer = predictor.recipe, predictor.task.tokenizer
+    pairs = list(dataset[recipe.data.text_pair_field]) if recipe.data.text_pair_field else None
+    encoded = tokenizer(list(dataset[recipe.data.text_field]), pairs, truncation=True, max_length=recipe.data.max_length)
+    rows = [dict(zip(encoded.keys(), values)) for values in zip(*encoded.values())]
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i]["input_ids"]))
+    collate = DataCollatorWithPadding(tokenizer)
+    logits: list[Optional[torch.Tensor]] = [None] * len(rows)
+    for start in tqdm(range(0, len(order), batch_size), desc="predicting", unit="batch"):
+        chosen = order[start:start + batch_size]
+        batch = {name: tensor.to(predictor.device) for name, tensor in collate([rows[i] for i in chosen]).items()}
+        for index, row_logits in zip(chosen, predictor.model(**model_inputs(batch)).logits.float().cpu()):
+            logits[index] = row_logits
+    return torch.stack(logits)
+
+
+def evaluate(predictor: Predictor, dataset: datasets.Dataset, logits: torch.Tensor, origin: str) -> dict[str, Any]:
+    """The recipe's metrics (and the per-class report) of `logits` against the file's labels."""
+    task = predictor.task
+    labels = torch.tensor(task.label_encoder()(dataset.to_dict(), list(range(len(dataset))), origin))
+    scores = task.score(task.predictions(logits).numpy(), labels.numpy())
+    return {"loss": float(task.example_losses(logits, labels).mean()), **scores, "examples": len(dataset)}
+
+
+def output_rows(dataset: datasets.Dataset, columns: dict[str, list], path: Path) -> datasets.Dataset:
+    for name, values in columns.items():
+        dataset = dataset.add_column(name, values)
+    if path.suffix.lower() == ".csv":  # CSV has no lists: `a|b`
+        lists = [name for name, feature in dataset.features.items() if isinstance(feature, (datasets.List, datasets.Sequence))]
+        if lists:
+            dataset = dataset.map(lambda row: {name: "|".join(map(str, row[name] or [])) for name in lists})
+    return dataset
+
+
+@contextmanager
+def written_atomically(path: Path) -> Iterator[Path]:
+    """A temporary path beside `path`, renamed onto it once the writer succeeded (removed if it failed)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+    os.close(handle)
+    try:
+        yield Path(temporary)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+def write_rows(dataset: datasets.Dataset, path: Path) -> None:
+    suffix = path.suffix.lower()
+    if suffix not in FILE_BUILDERS:
+        raise PredictError(f"--output {path}: use one of {', '.join(FILE_BUILDERS)}")
+    with written_atomically(path) as temporary:
+        if suffix == ".csv":
+            dataset.to_csv(temporary, index=False)
+        elif suffix == ".parquet":
+            dataset.to_parquet(temporary)
+        else:
+            dataset.to_json(temporary, lines=suffix == ".jsonl", force_ascii=False)
+
+
+def write_text(text: str, path: Path) -> None:
+    with written_atomically(path) as temporary:
+        temporary.write_text(text, encoding="utf-8")
+
+
+def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Predict with a trained classifier, or evaluate it on a labelled file.")
+    parser.add_argument("source", help="run directory, exported model folder, LoRA adapter folder or checkpoint folder")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value",
+                        help="recipe overrides for the input, e.g. data.text_field=review task.threshold=0.3")
+    parser.add_argument("--input", required=True, help="rows to predict: .csv, .json, .jsonl or .parquet")
+    parser.add_argument("--output", default="predictions.csv", help="where the predictions go (default: predictions.csv)")
+    parser.add_argument("--evaluate", action="store_true",
+                        help="the input is labelled: print and write the recipe's metrics and the per-class table "
+                             "(to OUTPUT's name with .metrics.json)")
+    parser.add_argument("--batch-size", type=int, default=32, help="rows per forward pass (default 32)")
+    return parser.parse_intermixed_args(argv)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    output = Path(args.output)
+    try:
+        predictor = load_predictor(Path(args.source), args.overrides)
+        dataset = read_input(args.input, predictor.recipe, args.evaluate, predictor.task)
+        logits = predict_logits(predictor, dataset, args.batch_size)
+        metrics = evaluate(predictor, dataset, logits, args.input) if args.evaluate else None
+        write_rows(output_rows(dataset, predictor.task.prediction_columns(logits), output), output)
+        print(f"predictions: {len(dataset)} rows -> {output}")
+        if metrics is not None:
+            report(metrics, predictor.task, output.with_suffix(".metrics.json"))
+    except (PredictError, DataError, RecipeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def report(metrics: dict[str, Any], task: SequenceClassification, path: Path) -> None:
+    headline = {name: round(value, 4) for name, value in metrics.items() if isinstance(value, float)}
+    print(f"evaluation of {metrics['examples']} rows: {headline}")
+    if task.report:
+        print(per_class_table(task.report), end="")
+    write_text(json.dumps(metrics, indent=2), path)
+    print(f"metrics -> {path}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
