@@ -35,6 +35,7 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
+from accelerate.utils import merge_fsdp_weights
 from transformers import AutoConfig, DataCollatorWithPadding
 
 from launcher.checkpointing import CHECKPOINTS, MANIFEST, sealed_checkpoints
@@ -58,7 +59,11 @@ from launcher.tasks.classification import SequenceClassification, model_inputs
 
 PROBLEM_TYPE_OF_CONFIG = {"single_label_classification": "single_label", "multi_label_classification": "multi_label",
                           "regression": "regression"}
-CHECKPOINT_WEIGHTS = "model.safetensors"  # what Accelerate's save_state writes for an unsharded model
+# What Accelerate's save_state writes for the model: one file, or DeepSpeed's / FSDP's folder of shards.
+CHECKPOINT_WEIGHTS = "model.safetensors"
+DEEPSPEED_TAG = "pytorch_model"
+FSDP_FULL = "pytorch_model_fsdp.bin"
+FSDP_SHARDS = "pytorch_model_fsdp_0"
 
 
 class PredictError(ValueError):
@@ -160,14 +165,30 @@ def load_trained(source: Source, recipe: Recipe, task: SequenceClassification) -
         base = task.model_class.from_pretrained(recipe.model.name_or_path, **task.model_kwargs())
         base.config.pad_token_id = task.tokenizer.pad_token_id
         return PeftModel.from_pretrained(base, source.folder)
-    weights = source.folder / CHECKPOINT_WEIGHTS
-    if not weights.is_file():
-        sharded = sorted(p.name for p in source.folder.iterdir() if p.is_dir())
-        raise PredictError(f"{source.folder}: no {CHECKPOINT_WEIGHTS}: a sharded (DeepSpeed / FSDP) checkpoint ({sharded}); "
-                           "use the run's exported model/ or adapter/, or resume the run until it exports one")
     model = load_model(recipe, task, task.tokenizer)
-    model.load_state_dict(load_file(str(weights)))
+    model.load_state_dict(checkpoint_state_dict(source.folder))
     return model
+
+
+def checkpoint_state_dict(folder: Path) -> dict[str, torch.Tensor]:
+    """The model's full weights from a checkpoint, whichever way Accelerate's `save_state` wrote them: one
+    safetensors file, DeepSpeed ZeRO shards (gathered into fp32 with DeepSpeed's zero_to_fp32), FSDP's full state
+    dict (`fsdp_state_dict_type: FULL_STATE_DICT`) or its sharded state (merged with Accelerate's
+    `merge_fsdp_weights`)."""
+    if (folder / CHECKPOINT_WEIGHTS).is_file():
+        return load_file(str(folder / CHECKPOINT_WEIGHTS))
+    if (folder / DEEPSPEED_TAG).is_dir():
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=DEEPSPEED_TAG)
+    if (folder / FSDP_FULL).is_file():
+        return torch.load(folder / FSDP_FULL, map_location="cpu", weights_only=True)
+    if (folder / FSDP_SHARDS).is_dir():
+        with tempfile.TemporaryDirectory() as merged:
+            merge_fsdp_weights(str(folder / FSDP_SHARDS), merged)
+            return load_file(str(Path(merged) / CHECKPOINT_WEIGHTS))
+    raise PredictError(f"{folder}: none of {CHECKPOINT_WEIGHTS}, {DEEPSPEED_TAG}/ (DeepSpeed), {FSDP_FULL} or {FSDP_SHARDS}/ (FSDP): "
+                       "not a checkpoint of this launcher")
 
 
 def read_input(path: str, recipe: Recipe, evaluate: bool, task: SequenceClassification) -> datasets.Dataset:

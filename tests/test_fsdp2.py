@@ -25,6 +25,7 @@ from faults import assert_same_weights as assert_bit_identical
 from faults import final_weights, train_records
 from launcher.distributed import LaunchError, fsdp2_plugin_for_cpu
 from launcher.reporting import read_metrics_log
+from test_predict import assert_predictions_agree
 from test_distributed_runs import TOLERANCE, assert_same_weights, free_port, train_losses
 
 pytestmark = pytest.mark.slow
@@ -84,6 +85,21 @@ def test_fsdp2_shards_the_model_and_trains_the_one_process_model(fsdp2_run, llam
     assert len(train_losses(run_dir)) == STEPS
     assert train_losses(run_dir) == pytest.approx(train_losses(tmp_path / "out"), rel=0, abs=TOLERANCE)
     assert_same_weights(run_dir / "model", tmp_path / "out" / "model")
+
+
+def test_predict_reads_fsdp2_checkpoints(fsdp2_run, llama, tmp_path):
+    """The last checkpoint (step 16) holds the exported weights: as one full state dict (fsdp2.yaml's setting) or
+    as per-rank DCP shards (SHARDED_STATE_DICT), which launcher.predict merges."""
+    run_dir = fsdp2_run[0]
+    checkpoint = sorted((run_dir / "checkpoints").glob("step-*"))[-1]
+    assert (checkpoint / "pytorch_model_fsdp.bin").is_file()
+    assert_predictions_agree(checkpoint, run_dir / "model", llama["eval_csv"], tmp_path)
+
+    sharded = launch("--fsdp_state_dict_type", "SHARDED_STATE_DICT", "launcher/run.py", str(write_run(tmp_path, llama, 4, 1)))
+    assert sharded.returncode == 0, sharded.stderr[-3000:]
+    checkpoint = sorted((tmp_path / "out" / "checkpoints").glob("step-*"))[-1]
+    assert (checkpoint / "pytorch_model_fsdp_0").is_dir()
+    assert_predictions_agree(checkpoint, tmp_path / "out" / "model", llama["eval_csv"], tmp_path)
 
 
 def test_fsdp2_resumes_from_a_sharded_checkpoint_bit_identically(fsdp2_run, llama, tmp_path):

@@ -76,12 +76,32 @@ def test_evaluate_reproduces_the_runs_own_final_evaluation(runs, assets, tmp_pat
     assert len(output.read_text().splitlines()) == 32 and "predicted_label" in json.loads(output.read_text().splitlines()[0])
 
 
+def assert_predictions_agree(checkpoint: Path, model: Path, inputs: Path, folder: Path, tolerance: float = 1e-6) -> None:
+    """`checkpoint` (rebuilt from the run's recipe) predicts what the exported `model` predicts."""
+    for name, source in (("model", model), ("checkpoint", checkpoint)):
+        assert predict([str(source), "--input", str(inputs), "--output", str(folder / f"{name}.csv")]) == 0
+    exported, resumed = read_csv(folder / "model.csv"), read_csv(folder / "checkpoint.csv")
+    assert [float(r["probability_LABEL_1"]) for r in resumed] == pytest.approx(
+        [float(r["probability_LABEL_1"]) for r in exported], abs=tolerance)
+
+
 def test_checkpoint_and_exported_model_predict_the_same(runs, assets, tmp_path):
     checkpoint = sorted((runs["single"] / "checkpoints").iterdir())[-1]  # the last epoch's: the exported weights
-    for name, source in (("model", runs["single"] / "model"), ("checkpoint", checkpoint)):
-        assert predict([str(source), "--input", str(assets["eval_csv"]), "--output", str(tmp_path / f"{name}.csv")]) == 0
-    exported, resumed = read_csv(tmp_path / "model.csv"), read_csv(tmp_path / "checkpoint.csv")
-    assert [float(r["probability_LABEL_1"]) for r in resumed] == pytest.approx([float(r["probability_LABEL_1"]) for r in exported], abs=1e-6)
+    assert_predictions_agree(checkpoint, runs["single"] / "model", assets["eval_csv"], tmp_path)
+
+
+@pytest.mark.slow
+def test_predict_gathers_a_deepspeed_zero_checkpoint(assets, tmp_path):
+    """A 2-process ZeRO-2 run: its checkpoint holds DeepSpeed shards, gathered into the exported weights."""
+    from test_distributed_runs import CPU_DEEPSPEED, launch
+
+    recipe = write_recipe(tmp_path / "zero.yaml", tiny_recipe(assets, tmp_path / "zero", model="bert_no_dropout",
+                                                              training={"epochs": 1, "per_device_batch_size": 4}))
+    result = launch("accelerate_configs/zero2.yaml", recipe, CPU_DEEPSPEED)
+    assert result.returncode == 0, result.stderr[-3000:]
+    checkpoint = sorted((tmp_path / "zero" / "checkpoints").iterdir())[-1]
+    assert (checkpoint / "pytorch_model").is_dir() and not (checkpoint / "model.safetensors").exists()
+    assert_predictions_agree(checkpoint, tmp_path / "zero" / "model", assets["eval_csv"], tmp_path)
 
 
 def test_lora_adapter_evaluates_as_the_run_did(runs, assets, tmp_path):
