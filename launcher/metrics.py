@@ -129,3 +129,20 @@ def write_confusion_png(matrix: Sequence[Sequence[int]], names: Sequence[str], p
         axes.text(column, row, str(count), ha="center", va="center", color="white" if dark else "black", fontsize=9)
     figure.savefig(path, dpi=110)
     return Path(path)
+
+
+def write_regression_png(predictions: np.ndarray, references: np.ndarray, name: str, path: str | Path) -> Optional[Path]:
+    """Predicted against true values, one dot per eval example, with the diagonal a perfect model would sit on;
+    `path`, or None after a one-line note when matplotlib is missing."""
+    figure = new_figure(figsize=(4.8, 4.5))
+    if figure is None:
+        print(f"note: {Path(path).name} not drawn: {NO_MATPLOTLIB}")
+        return None
+    axes = figure.subplots()
+    axes.scatter(references, predictions, s=8, alpha=0.5)
+    low, high = float(min(references.min(), predictions.min())), float(max(references.max(), predictions.max()))
+    axes.plot([low, high], [low, high], color="grey", linewidth=1)
+    axes.set_xlabel(f"true {name}")
+    axes.set_ylabel(f"predicted {name}")
+    figure.savefig(path, dpi=110)
+    return Path(path)

@@ -25,7 +25,7 @@ RESOLVED_RECIPE = "recipe.resolved.yaml"
 RUN_SUMMARY = "run_summary.json"
 REPLACED_PREFIX = "replaced-"
 RUN_OUTPUTS = (CHECKPOINTS, "model", "adapter", "tensorboard", "metrics.jsonl", RUN_SUMMARY, RESOLVED_RECIPE,
-               "curves.png", "confusion.png", "generations")
+               "curves.png", "confusion.png", "regression.png", "generations")
 
 
 class RunDirectoryError(RuntimeError):

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from builders import FILLER, NEGATIVE, POSITIVE, TOPICS, sentiment_rows, rating_rows, topic_rows, write_csv, write_jsonl
-from conftest import eval_loss_of, run_in_process, tiny_recipe, write_recipe
+from conftest import REPO, eval_loss_of, run_in_process, tiny_recipe, write_recipe
 from launcher.data import DataError, load_splits
 from launcher.metrics import METRICS
 from launcher.recipe_loader import RecipeError, load_recipe
@@ -119,6 +119,7 @@ def test_regression_trains_learns_and_exports_a_regression_model(tmp_path, asset
     assert final["pearson"] >= 0.8 and final["spearman"] >= 0.7 and final["mse"] < evals[0]["mse"]
     model = AutoModelForSequenceClassification.from_pretrained(out / "model")
     assert model.config.problem_type == "regression" and model.config.num_labels == 1
+    assert (out / "regression.png").is_file() and not (out / "confusion.png").exists()
     assert eval_loss_of(model, out) == pytest.approx(final["loss"], rel=1e-5)
 
 
@@ -256,3 +257,16 @@ def test_column_labels_that_are_not_numbers_are_named(assets, tmp_path, column_v
     task_object = build_task(recipe, AutoTokenizer.from_pretrained(assets["bert"]))
     with pytest.raises(DataError, match=message):
         task_object.prepare_data(load_splits(recipe.data, task_object.columns(recipe)))
+
+
+@pytest.mark.parametrize("name, task_line", [
+    ("stsb_bert.yaml", "task : regression on sentence pairs, metrics loss, pearson, spearman, mse"),
+    ("go_emotions_bert.yaml", "task : multi-label single text, 28 classes, threshold 0.3, metrics loss, f1_micro, f1_macro, exact_match"),
+])
+def test_shipped_problem_type_recipes_pass_check(name, task_line, capsys):
+    """Offline the hub data cannot be read: --check says so and still checks everything else."""
+    from launcher.run import main
+
+    assert main([str(REPO / "recipes" / name), "--check"]) == 0
+    out = capsys.readouterr().out
+    assert task_line in out and "check: ok" in out

@@ -14,8 +14,11 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 
 from launcher.data import DataError, LabelEncoder, LabelSpace, Splits
-from launcher.metrics import compute_metrics
+from launcher.metrics import compute_metrics, write_regression_png
 from launcher.tasks.classification import SequenceClassification
+
+
+REGRESSION_PNG = "regression.png"
 
 
 class Regression(SequenceClassification):
@@ -58,8 +61,11 @@ class Regression(SequenceClassification):
         return {f"predicted_{self.labels.names[0]}": self.predictions(logits).tolist()}
 
     def score(self, predictions: np.ndarray, references: np.ndarray) -> dict[str, Any]:
-        self.report = {}
+        self.report = {}  # no classes
+        self.scored = (predictions, references)
         return compute_metrics(self.recipe.metric_names, predictions, references)
 
     def after_evaluation(self, model: torch.nn.Module, accelerator: Accelerator, step: int, run_dir: Path) -> None:
-        """Nothing per class to show."""
+        """Predicted against true values as a PNG (the per-class report's counterpart)."""
+        if accelerator.is_main_process:
+            write_regression_png(*self.scored, self.labels.names[0], run_dir / REGRESSION_PNG)
