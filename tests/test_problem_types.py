@@ -165,7 +165,7 @@ def test_balanced_class_weights_follow_scikit_learn_and_weigh_each_example(asset
     assert counts[1] == 24
     expected = len(train) / (3 * counts)  # sklearn.utils.class_weight.compute_class_weight("balanced", ...)
     assert task.class_weights.tolist() == pytest.approx(expected.tolist())
-    assert any("class weights: LABEL_0" in note for note in task.notes)
+    assert any("class weights (balanced): LABEL_0" in note for note in task.notes)
     logits, labels = torch.randn(5, 3), torch.tensor([0, 1, 2, 1, 0])
     unweighted = F.cross_entropy(logits, labels, reduction="none")
     assert task.example_losses(logits, labels) == pytest.approx(unweighted * torch.tensor(expected, dtype=torch.float32)[labels])

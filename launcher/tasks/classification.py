@@ -77,15 +77,18 @@ class SequenceClassification(Task):
         wanted = self.recipe.training.class_weights
         if wanted is None:
             return
-        if wanted == "balanced":
-            counts = np.bincount(train.with_format("numpy")["labels"], minlength=len(self.labels.names))
-            empty = [name for name, count in zip(self.labels.names, counts) if not count]
-            if empty:
-                raise DataError(f"training.class_weights=balanced: class(es) {empty} have no training examples")
-            wanted = (counts.sum() / (len(counts) * counts)).tolist()
-        self.class_weights = torch.tensor(wanted, dtype=torch.float32)
-        self.notes.append("class weights: " + ", ".join(f"{name} {weight:.3g}" for name, weight in zip(self.labels.names, wanted))
-                          + f" ({self.recipe.training.class_weights if isinstance(self.recipe.training.class_weights, str) else 'recipe'})")
+        weights = self.balanced_weights(train) if wanted == "balanced" else wanted
+        self.class_weights = torch.tensor(weights, dtype=torch.float32)
+        listed = ", ".join(f"{name} {weight:.3g}" for name, weight in zip(self.labels.names, weights))
+        self.notes.append(f"class weights ({'balanced' if wanted == 'balanced' else 'recipe'}): {listed}")
+
+    def balanced_weights(self, train: datasets.Dataset) -> list[float]:
+        """scikit-learn's `balanced`: examples / (classes x examples of the class)."""
+        counts = np.bincount(train.with_format("numpy")["labels"], minlength=len(self.labels.names))
+        empty = [name for name, count in zip(self.labels.names, counts) if not count]
+        if empty:
+            raise DataError(f"training.class_weights=balanced: class(es) {empty} have no training examples")
+        return (counts.sum() / (len(counts) * counts)).tolist()
 
     def model_kwargs(self) -> dict[str, Any]:
         return {"num_labels": len(self.labels.names), "id2label": self.labels.id2label, "label2id": self.labels.label2id,
