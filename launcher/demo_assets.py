@@ -59,6 +59,10 @@ def convert_llm(root: Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from launcher.devices import detect_device
+    from launcher.library_messages import name_deepspeed_accelerator
+
+    name_deepspeed_accelerator(detect_device())  # save_pretrained imports deepspeed, which warns on a CPU host
     source = package_folder(LLM_PACKAGE)
     tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=LLM_FILE)
     model = AutoModelForCausalLM.from_pretrained(source, gguf_file=LLM_FILE, dtype=torch.float32)

@@ -49,6 +49,7 @@ from launcher.data import (
     load_splits,
 )
 from launcher.devices import detect_device
+from launcher.library_messages import name_deepspeed_accelerator
 from launcher.metrics import per_class_table
 from launcher.modeling import load_model, load_tokenizer
 from launcher.recipe import Recipe
@@ -135,6 +136,7 @@ def recipe_for(source: Source, overrides: list[str]) -> Recipe:
 
 
 def load_predictor(path: Path, overrides: list[str]) -> Predictor:
+    name_deepspeed_accelerator(detect_device())  # as in training: no DeepSpeed auto-detection warning on a CPU host
     source = resolve_source(path)
     recipe = recipe_for(source, overrides)
     task = build_task(recipe, load_tokenizer(recipe.model))
