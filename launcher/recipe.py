@@ -273,11 +273,13 @@ class TrainingSection(Section):
     """If bf16/fp16 is requested on hardware without it (fp16 on CPU, bf16 on a V100 or a 910A NPU), fall back to
     fp32 with a warning instead of failing."""
     class_weights: Optional[Union[Literal["balanced"], list[Annotated[float, Field(gt=0.0)]]]] = None
-    """single_label classification: weight each example's cross-entropy by its class's weight, so rare classes
-    count more. `balanced`: examples / (classes x examples of the class), from the training set (scikit-learn's
-    rule; the weights average 1 over the training examples), or one weight per class in id order. The loss is the
-    mean of the weighted example losses (not divided by the weights' sum as torch's weighted mean is), so a step's
-    loss is the same however its examples are split into micro-batches and processes."""
+    """Make rare classes count more. single_label: each example's cross-entropy times its class's weight;
+    `balanced` is examples / (classes x examples of the class) from the training set (scikit-learn's rule; the
+    weights average 1 over the training examples). multi_label: each class's positive examples weighted in its
+    binary cross-entropy (`pos_weight`); `balanced` is the class's negative / positive training examples. Or one
+    weight per class in id order. The loss is the mean of the weighted example losses (not divided by the weights'
+    sum as torch's weighted mean is), so a step's loss is the same however its examples are split into
+    micro-batches and processes."""
     seed: int = Field(default=42, ge=0, lt=2**32)
     """Seed of model init (classification head), shuffling and dropout. Same recipe + seed = same losses on CPU."""
     log_every_steps: int = Field(default=10, ge=1)
@@ -383,8 +385,9 @@ class Recipe(Section):
             problems.append(f"evaluation.metrics {foreign} do not apply to {problem}: choose from "
                             f"{', '.join(METRICS_OF_PROBLEM[problem])}")
         weights = self.training.class_weights
-        if weights is not None and (self.task.type != "sequence_classification" or problem != "single_label"):
-            problems.append("training.class_weights apply to sequence_classification with problem_type single_label only")
+        if weights is not None and (self.task.type != "sequence_classification" or problem == "regression"):
+            problems.append("training.class_weights apply to sequence_classification with problem_type single_label "
+                            "or multi_label only")
         elif isinstance(weights, list) and len(weights) != self.task.num_labels:
             problems.append(f"training.class_weights has {len(weights)} weights but task.num_labels is {self.task.num_labels}")
         if self.data.label_columns is not None and problem != "multi_label":

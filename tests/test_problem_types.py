@@ -87,6 +87,20 @@ def test_multi_label_threshold_decides_the_predicted_classes(assets, tmp_path, t
     assert columns[f"probability_{TOPIC_NAMES[1]}"] == pytest.approx([0.7311, 0.9526], abs=1e-4)
 
 
+def test_multi_label_balanced_weights_weigh_each_class_positives(assets, tmp_path, topic_files, capsys):
+    raw = multi_label_recipe(assets, topic_files, tmp_path / "pw", training={"class_weights": "balanced", "epochs": 1})
+    recipe = load_recipe(write_recipe(tmp_path / "pw.yaml", raw))
+    task = build_task(recipe, AutoTokenizer.from_pretrained(assets["bert"]))
+    train = task.prepare_data(load_splits(recipe.data, task.columns(recipe))).train
+    on = np.asarray(train["labels"]).sum(axis=0)
+    assert task.class_weights.tolist() == pytest.approx(((len(train) - on) / on).tolist())
+    logits, labels = torch.randn(4, 3), torch.tensor([[1.0, 0, 0], [0, 1, 1], [0, 0, 0], [1, 1, 1]])
+    expected = F.binary_cross_entropy_with_logits(logits, labels, pos_weight=task.class_weights, reduction="none").mean(-1)
+    assert task.example_losses(logits, labels) == pytest.approx(expected)
+    assert run_in_process(write_recipe(tmp_path / "pw.yaml", raw)) == 0
+    assert "positive-example weights (BCE pos_weight) (balanced): blame" in capsys.readouterr().out
+
+
 def test_multi_label_metrics_are_scikit_learns():
     refs = np.array([[1, 0, 1], [0, 1, 0], [1, 1, 0]])
     preds = np.array([[1, 0, 0], [0, 1, 0], [1, 1, 1]])
@@ -198,7 +212,7 @@ def test_weighting_the_rare_class_makes_the_model_predict_it(tmp_path, assets, i
     ({"problem_type": "regression", "num_labels": 3}, {}, "regression predicts one number"),
     ({"problem_type": "multi_label", "num_labels": None}, {}, "needs num_labels"),
     ({"num_labels": 2, "threshold": 0.3}, {}, "threshold applies to problem_type multi_label only"),
-    ({"problem_type": "multi_label", "num_labels": 2}, {"training": {"class_weights": "balanced"}}, "class_weights apply to"),
+    ({"problem_type": "regression", "num_labels": None}, {"training": {"class_weights": "balanced"}}, "class_weights apply to"),
     ({"num_labels": 2}, {"training": {"class_weights": [1.0, 2.0, 3.0]}}, "has 3 weights but task.num_labels is 2"),
     ({"num_labels": 2}, {"training": {"class_weights": [1.0, 0.0]}}, "greater than 0"),
     ({"problem_type": "regression", "num_labels": None}, {"evaluation": {"metrics": ["accuracy"]}}, "do not apply to regression"),

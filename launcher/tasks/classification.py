@@ -54,6 +54,8 @@ class SequenceClassification(Task):
 
     labels: LabelSpace
     class_weights: Optional[torch.Tensor] = None
+    weights_meaning = "class weights"
+    """What `training.class_weights` weigh, for the plan."""
 
     @classmethod
     def columns(cls, recipe: Recipe) -> list[str]:
@@ -80,7 +82,7 @@ class SequenceClassification(Task):
         weights = self.balanced_weights(train) if wanted == "balanced" else wanted
         self.class_weights = torch.tensor(weights, dtype=torch.float32)
         listed = ", ".join(f"{name} {weight:.3g}" for name, weight in zip(self.labels.names, weights))
-        self.notes.append(f"class weights ({'balanced' if wanted == 'balanced' else 'recipe'}): {listed}")
+        self.notes.append(f"{self.weights_meaning} ({'balanced' if wanted == 'balanced' else 'recipe'}): {listed}")
 
     def balanced_weights(self, train: datasets.Dataset) -> list[float]:
         """scikit-learn's `balanced`: examples / (classes x examples of the class)."""

@@ -1,6 +1,7 @@
 """`problem_type: multi_label`: any number of classes per example. One sigmoid per class and binary cross-entropy
-(averaged over the classes, then over examples, as transformers' own multi-label loss); a class is predicted when
-its probability reaches `task.threshold`. Labels are a list of names or ids per row, or one 0/1 column per class
+(averaged over the classes, then over examples, as transformers' own multi-label loss; `training.class_weights`
+weigh each class's positive examples, BCE's `pos_weight`); a class is predicted when its probability reaches
+`task.threshold`. Labels are a list of names or ids per row, or one 0/1 column per class
 (`data.label_columns`). Metrics: exact match and micro / macro precision, recall, F1."""
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import datasets
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -48,14 +50,25 @@ class MultiLabelClassification(SequenceClassification):
 
         return from_columns if columns else from_lists
 
-    def set_class_weights(self, train: datasets.Dataset) -> None:
-        """Class weights are a single_label setting (the recipe refuses them here)."""
+    weights_meaning = "positive-example weights (BCE pos_weight)"
+
+    def balanced_weights(self, train: datasets.Dataset) -> list[float]:
+        """Per class, its negative examples / its positive ones (the usual `pos_weight`): a class on in 2% of the
+        examples weighs its positives 49x, so that predicting it never stops being the cheap way out."""
+        on = np.asarray(train.with_format("numpy")["labels"]).sum(axis=0)
+        off = len(train) - on
+        degenerate = [name for name, positives, negatives in zip(self.labels.names, on, off) if not positives or not negatives]
+        if degenerate:
+            raise DataError(f"training.class_weights=balanced: class(es) {degenerate} are on in no or in every training example")
+        return (off / on).tolist()
 
     def class_ids(self, train: datasets.Dataset) -> Optional[list[int]]:
         return None  # an example has no single class to keep the batches' mix of
 
     def example_losses(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return F.binary_cross_entropy_with_logits(logits.float(), labels.float(), reduction="none").mean(dim=-1)
+        pos_weight = None if self.class_weights is None else self.class_weights.to(logits.device)
+        return F.binary_cross_entropy_with_logits(logits.float(), labels.float(), pos_weight=pos_weight,
+                                                  reduction="none").mean(dim=-1)
 
     def predictions(self, logits: torch.Tensor) -> torch.Tensor:
         return (self.probabilities(logits) >= self.recipe.task.threshold).long()
