@@ -43,6 +43,13 @@ def multi_label_recipe(assets, topic_files, out: Path, columns: bool = False, **
                        evaluation={"metrics": ["f1_micro", "f1_macro", "exact_match"]}, **sections)
 
 
+def prepared(assets, tmp_path: Path, raw: dict):
+    """(task, tokenized splits): the recipe's task with its data prepared as a run prepares it."""
+    recipe = load_recipe(write_recipe(tmp_path / "prepared.yaml", raw))
+    task = build_task(recipe, AutoTokenizer.from_pretrained(assets["bert"]))
+    return task, task.prepare_data(load_splits(recipe.data, task.columns(recipe)))
+
+
 def train(tmp_path: Path, name: str, recipe: dict, *overrides: str) -> Path:
     assert run_in_process(write_recipe(tmp_path / f"{name}.yaml", recipe), *overrides) == 0
     return Path(recipe["output"]["dir"])
@@ -75,11 +82,10 @@ def test_multi_label_from_lists_and_from_columns_is_the_same_run(tmp_path, asset
 
 
 def test_multi_label_threshold_decides_the_predicted_classes(assets, tmp_path, topic_files):
-    recipe = load_recipe(write_recipe(tmp_path / "t.yaml", multi_label_recipe(assets, topic_files, tmp_path / "t")),
-                         ["task.threshold=0.7"])
-    task = build_task(recipe, AutoTokenizer.from_pretrained(assets["bert"]))
+    raw = multi_label_recipe(assets, topic_files, tmp_path / "t")
+    raw["task"]["threshold"] = 0.7
+    task, _ = prepared(assets, tmp_path, raw)
     assert isinstance(task, MultiLabelClassification)
-    task.prepare_data(load_splits(recipe.data, task.columns(recipe)))
     logits = torch.tensor([[0.0, 1.0, 0.9], [-3.0, 3.0, 0.8]])  # sigmoid: .5 .73 .71 / .05 .95 .69
     assert task.predictions(logits).tolist() == [[0, 1, 1], [0, 1, 0]]
     columns = task.prediction_columns(logits)
@@ -89,9 +95,8 @@ def test_multi_label_threshold_decides_the_predicted_classes(assets, tmp_path, t
 
 def test_multi_label_balanced_weights_weigh_each_class_positives(assets, tmp_path, topic_files, capsys):
     raw = multi_label_recipe(assets, topic_files, tmp_path / "pw", training={"class_weights": "balanced", "epochs": 1})
-    recipe = load_recipe(write_recipe(tmp_path / "pw.yaml", raw))
-    task = build_task(recipe, AutoTokenizer.from_pretrained(assets["bert"]))
-    train = task.prepare_data(load_splits(recipe.data, task.columns(recipe))).train
+    task, splits = prepared(assets, tmp_path, raw)
+    train = splits.train
     on = np.asarray(train["labels"]).sum(axis=0)
     assert task.class_weights.tolist() == pytest.approx(((len(train) - on) / on).tolist())
     logits, labels = torch.randn(4, 3), torch.tensor([[1.0, 0, 0], [0, 1, 1], [0, 0, 0], [1, 1, 1]])
@@ -138,10 +143,8 @@ def test_regression_trains_learns_and_exports_a_regression_model(tmp_path, asset
 
 
 def test_regression_prediction_column_is_named_after_the_label(assets, tmp_path, rating_files):
-    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", regression_recipe(assets, rating_files, tmp_path / "r")))
-    task = build_task(recipe, AutoTokenizer.from_pretrained(assets["bert"]))
+    task, _ = prepared(assets, tmp_path, regression_recipe(assets, rating_files, tmp_path / "r"))
     assert isinstance(task, Regression)
-    task.prepare_data(load_splits(recipe.data, task.columns(recipe)))
     assert task.prediction_columns(torch.tensor([[1.5], [4.25]])) == {"predicted_score": [1.5, 4.25]}
 
 
@@ -172,9 +175,8 @@ def weighted_recipe(assets, files, out: Path, weights, **sections) -> dict:
 
 
 def test_balanced_class_weights_follow_scikit_learn_and_weigh_each_example(assets, tmp_path, imbalanced_files):
-    recipe = load_recipe(write_recipe(tmp_path / "w.yaml", weighted_recipe(assets, imbalanced_files, tmp_path / "w", "balanced")))
-    task = build_task(recipe, AutoTokenizer.from_pretrained(assets["bert"]))
-    train = task.prepare_data(load_splits(recipe.data, task.columns(recipe))).train
+    task, splits = prepared(assets, tmp_path, weighted_recipe(assets, imbalanced_files, tmp_path / "w", "balanced"))
+    train = splits.train
     counts = np.bincount(train["labels"], minlength=3)
     assert counts[1] == 24
     expected = len(train) / (3 * counts)  # sklearn.utils.class_weight.compute_class_weight("balanced", ...)
@@ -246,10 +248,8 @@ def test_multi_label_bad_labels_are_named(assets, tmp_path, labels, message):
     data = {"train_file": str(path), "eval_file": None, "label_field": "topics", "label_names": TOPIC_NAMES}
     raw = tiny_recipe(assets, tmp_path / "out", data=data, task={"problem_type": "multi_label", "num_labels": 3},
                       evaluation={"metrics": None})
-    recipe = load_recipe(write_recipe(tmp_path / "bad.yaml", raw))
-    task = build_task(recipe, AutoTokenizer.from_pretrained(assets["bert"]))
     with pytest.raises(DataError, match=message):
-        task.prepare_data(load_splits(recipe.data, task.columns(recipe)))
+        prepared(assets, tmp_path, raw)
 
 
 @pytest.mark.parametrize("column_values, problem_type, message", [
@@ -267,10 +267,8 @@ def test_column_labels_that_are_not_numbers_are_named(assets, tmp_path, column_v
     path = write_csv(tmp_path / "bad.csv", rows)
     raw = tiny_recipe(assets, tmp_path / "out", data={"train_file": str(path), "eval_file": None, **data}, task=task,
                       evaluation={"metrics": None})
-    recipe = load_recipe(write_recipe(tmp_path / "bad.yaml", raw))
-    task_object = build_task(recipe, AutoTokenizer.from_pretrained(assets["bert"]))
     with pytest.raises(DataError, match=message):
-        task_object.prepare_data(load_splits(recipe.data, task_object.columns(recipe)))
+        prepared(assets, tmp_path, raw)
 
 
 @pytest.mark.parametrize("name, task_line", [
