@@ -52,7 +52,7 @@ from launcher.devices import detect_device
 from launcher.library_messages import name_deepspeed_accelerator
 from launcher.metrics import per_class_table
 from launcher.modeling import load_model, load_tokenizer
-from launcher.recipe import Recipe
+from launcher.recipe import LoraSection, Recipe
 from launcher.recipe_loader import RecipeError, build_recipe, load_raw
 from launcher.run_directory import RESOLVED_RECIPE
 from launcher.tasks import build_task
@@ -163,9 +163,8 @@ def training_labels(recipe: Recipe, task: SequenceClassification) -> LabelSpace:
 
 def load_trained(source: Source, recipe: Recipe, task: SequenceClassification) -> torch.nn.Module:
     """The recipe's model rebuilt as training built it (base, head, LoRA), with the trained weights put in."""
-    if source.kind == "adapter":
-        base = task.model_class.from_pretrained(recipe.model.name_or_path, **task.model_kwargs())
-        base.config.pad_token_id = task.tokenizer.pad_token_id
+    if source.kind == "adapter":  # the base as training loaded it, then the trained adapter (and head) on it
+        base = load_model(recipe.model_copy(update={"lora": LoraSection()}), task, task.tokenizer)
         return PeftModel.from_pretrained(base, source.folder)
     model = load_model(recipe, task, task.tokenizer)
     model.load_state_dict(checkpoint_state_dict(source.folder))

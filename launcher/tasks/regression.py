@@ -42,9 +42,6 @@ class Regression(SequenceClassification):
 
         return encode
 
-    def set_class_weights(self, train: datasets.Dataset) -> None:
-        """No classes to weigh (the recipe refuses class weights here)."""
-
     def model_kwargs(self) -> dict[str, Any]:
         return super().model_kwargs() | {"num_labels": 1}
 
