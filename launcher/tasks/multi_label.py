@@ -21,6 +21,7 @@ TRUE_OR_FALSE = {0, 1, True, False}
 
 class MultiLabelClassification(SequenceClassification):
     hf_problem_type = "multi_label_classification"
+    weights_meaning = "positive-example weights (BCE pos_weight)"
 
     def resolve_labels(self, splits: Splits) -> LabelSpace:
         columns = self.recipe.data.label_columns
@@ -49,8 +50,6 @@ class MultiLabelClassification(SequenceClassification):
             return encoded
 
         return from_columns if columns else from_lists
-
-    weights_meaning = "positive-example weights (BCE pos_weight)"
 
     def balanced_weights(self, train: datasets.Dataset) -> list[float]:
         """Per class, its negative examples / its positive ones (the usual `pos_weight`): a class on in 2% of the
@@ -81,5 +80,5 @@ class MultiLabelClassification(SequenceClassification):
         return {"predicted_labels": [[name for name, on in zip(self.labels.names, row) if on] for row in chosen.tolist()],
                 **self.probability_columns(logits)}
 
-    def score(self, predictions, references) -> dict[str, Any]:
-        return super().score(predictions, references.astype(int))
+    def score(self, predictions: np.ndarray, references: np.ndarray) -> dict[str, Any]:
+        return super().score(predictions, references.astype(int))  # BCE's float targets as 0/1 for scikit-learn
