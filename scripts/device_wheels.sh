@@ -4,8 +4,8 @@
 #
 #   bash scripts/device_wheels.sh            # here, with network to PyPI; then carry .whl to the GPU machine
 #
-# Versions are this project's CI versions (the .venv's), so both machines run the same launcher, transformers and
-# peft code. The GPU machine keeps its own torch (CUDA build), accelerate, tokenizers, huggingface-hub, pyarrow,
+# Versions come from requirements-lock.txt, the versions CI tests with, so both machines run the same launcher,
+# transformers and peft code. The GPU machine keeps its own torch (CUDA build), accelerate, tokenizers, huggingface-hub, pyarrow,
 # pandas, numpy and the rest of its image: `pip install --no-deps` there checks no version ranges, and run.sh
 # prints what it ended up importing. DeepSpeed is published as an sdist only: its wheel is built here (pure
 # Python, ops are JIT-compiled on first use and the launcher uses none). The device tool carries 64 MiB per
@@ -23,7 +23,7 @@ PACKAGES=(pydantic pydantic-core annotated-types typing-inspection typing-extens
           transformers regex peft
           hjson)
 
-version_of() { "$PYTHON" -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$1"; }
+version_of() { "$PYTHON" -c "import sys; sys.path.insert(0, 'scripts'); import lock; print(lock.read_lock()[lock.normalized(sys.argv[1])])" "$1"; }
 
 rm -rf "$OUT_DIR" && mkdir -p "$OUT_DIR"
 specs=()

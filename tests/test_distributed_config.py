@@ -46,6 +46,9 @@ def test_values_matching_the_recipe_are_accepted():
     config = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 3, "gradient_clipping": 0.5,
               "bf16": {"enabled": True}}
     reconcile_deepspeed_config(config, TRAINING, "bf16", world_size=1)
+    # The matching values stay as they were and only what was absent is filled in.
+    assert config == {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 3, "gradient_clipping": 0.5,
+                      "bf16": {"enabled": True}, "fp16": {"enabled": False}, "train_batch_size": 12}
 
 
 def test_every_contradiction_is_reported_at_once():
