@@ -14,7 +14,8 @@ def test_readme_reference_matches_the_schema():
 
 
 def test_readme_names_only_files_that_exist():
-    for name in ("scripts/demo.sh", "scripts/test.sh", "launcher/run.py", ".ci/run"):
+    for name in ("scripts/demo.sh", "scripts/test.sh", "scripts/canary.sh", "scripts/lock.py", "requirements-lock.txt",
+                 "launcher/run.py", ".ci/run"):
         assert name in README and (REPO / name).exists(), name
     for recipe in (REPO / "recipes").glob("*.yaml"):
         assert f"recipes/{recipe.name}" in README, f"{recipe.name} is not documented in README.md"
