@@ -40,7 +40,10 @@ class DeviceInfo:
 
 
 def npu_available() -> bool:
-    """Ascend NPU through torch_npu (importing it registers `torch.npu`)."""
+    """Ascend NPU through torch_npu. Importing it registers `torch.npu` and names torch's PrivateUse1 backend
+    `npu`, which Accelerate >= 1.16 reads (`torch.accelerator.current_accelerator()`) without importing torch_npu
+    itself: with TORCH_DEVICE_BACKEND_AUTOLOAD=0 only this import, made before the Accelerator is built, lets
+    Accelerate pick the NPUs and HCCL."""
     if importlib.util.find_spec("torch_npu") is None:
         return False
     try:

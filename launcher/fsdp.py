@@ -1,12 +1,13 @@
 """FSDP2 (`fully_shard`) on CPU processes over gloo, which Accelerate does not set up by itself.
 
-Measured with Accelerate 1.15 and torch 2.13: `accelerate launch --config_file accelerate_configs/fsdp2.yaml`
-with CPU processes (ACCELERATE_USE_CPU=true) builds the FSDP plugin but `AcceleratorState` only turns a
-MULTI_GPU / MULTI_NPU / ... group into FSDP (accelerate/state.py, the list before `DistributedType.FSDP`):
-a MULTI_CPU group keeps DistributedType.MULTI_CPU and trains plain DDP, silently. torch's own `fully_shard`
-runs on a CPU device mesh over gloo (its parameters become DTensor shards, full state dicts gather). So on CPU
-the launcher finishes what Accelerate skipped: the same state `AcceleratorState` would set on GPUs, after which
-Accelerate's own FSDP2 code prepares, exports and checkpoints the model.
+Needed with Accelerate 1.15 and 1.16 (measured with torch 2.13; re-check on every release):
+`accelerate launch --config_file accelerate_configs/fsdp2.yaml` with CPU processes (ACCELERATE_USE_CPU=true)
+builds the FSDP plugin but `AcceleratorState` only turns a MULTI_GPU / MULTI_NPU / ... group into FSDP
+(accelerate/state.py, the list before `DistributedType.FSDP`, unchanged in 1.16): a MULTI_CPU group keeps
+DistributedType.MULTI_CPU and trains plain DDP, silently. torch's own `fully_shard` runs on a CPU device mesh
+over gloo (its parameters become DTensor shards, full state dicts gather). So on CPU the launcher finishes what
+Accelerate skipped: the same state `AcceleratorState` would set on GPUs, after which Accelerate's own FSDP2 code
+prepares, exports and checkpoints the model.
 """
 
 from __future__ import annotations

@@ -1,10 +1,12 @@
 """Device selection, collective backend, visible devices, precision support and RNG seeding.
 
-No Ascend NPU and no torch_npu exist on this machine, so the NPU tests *simulate* torch_npu: a stand-in
-module in sys.modules and a `torch.npu` namespace reporting a chip name, the devices that
-ASCEND_RT_VISIBLE_DEVICES exposes, and the seeds it receives. What runs for real against the stand-in is the
-launcher's device layer and Accelerate's own NPU detection, backend choice and seeding; nothing here shows
-that torch_npu, CANN or HCCL behave as simulated on real hardware.
+No Ascend NPU and no torch_npu exist on this machine, so the NPU tests *simulate* what importing torch_npu
+does: a stand-in module in sys.modules, a `torch.npu` namespace reporting a chip name, the devices that
+ASCEND_RT_VISIBLE_DEVICES exposes and the seeds it receives, and torch's accelerator registry reporting `npu`.
+What runs for real against the stand-in is the launcher's device layer and Accelerate's own NPU detection,
+backend choice and seeding (Accelerate <= 1.15 probes torch_npu and `torch.npu` itself; 1.16 asks torch's
+registry, accelerate/utils/imports.py `get_torch_accelerator_backend`); nothing here shows that torch_npu,
+CANN or HCCL behave as simulated on real hardware.
 """
 
 from __future__ import annotations
@@ -52,6 +54,25 @@ class SimulatedNpuRuntime:
         return 3 * 2**30
 
 
+def register_as_torch_accelerator(runtime: SimulatedNpuRuntime, monkeypatch) -> None:
+    """torch_npu's import renames torch's PrivateUse1 backend to `npu`: `torch.accelerator.current_accelerator()`
+    then reports it (before CUDA) and `torch.get_device_module("npu")` resolves to `torch.npu`. The rename holds for
+    the rest of the process and would leave every later test on a vanished NPU, so the simulation answers these
+    two public calls instead; their device stand-in has only the `type` a torch.device("npu") would have."""
+    npu = types.SimpleNamespace(type="npu", index=None)
+    get_device_module = torch.get_device_module
+
+    def current_accelerator(check_available: bool = False):
+        return npu if not check_available or runtime.is_available() else None
+
+    def device_module(device=None):
+        names_npu = str(getattr(device, "type", device)).split(":")[0] == "npu"
+        return runtime if names_npu else get_device_module(device)
+
+    monkeypatch.setattr(torch.accelerator, "current_accelerator", current_accelerator)
+    monkeypatch.setattr(torch, "get_device_module", device_module)
+
+
 def clear_accelerate_detection_caches() -> None:
     for name in ("is_npu_available", "is_xpu_available", "is_mlu_available", "is_sdaa_available", "is_musa_available",
                  "is_hpu_available", "is_neuron_available"):
@@ -66,6 +87,7 @@ def simulated_npu(monkeypatch, request) -> SimulatedNpuRuntime:
     module.__spec__ = importlib.machinery.ModuleSpec("torch_npu", loader=None)
     monkeypatch.setitem(sys.modules, "torch_npu", module)
     monkeypatch.setattr(torch, "npu", runtime, raising=False)
+    register_as_torch_accelerator(runtime, monkeypatch)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.delenv("ASCEND_RT_VISIBLE_DEVICES", raising=False)
     clear_accelerate_detection_caches()

@@ -3,8 +3,8 @@ processes over gloo (ACCELERATE_USE_CPU=true; launcher/fsdp.py completes the FSD
 CPU). Accelerate's own FSDP2 code runs: `fully_shard` per decoder layer, the full-state-dict gather at export,
 `save_state` / `load_state` of the sharded model and optimizer, LoRA inside the wrapped layers.
 
-On the tiny Llama (the fsdp2.yaml auto-wrap needs `_no_split_modules`; BERT is refused by Accelerate 1.15, see
-docs/scaling.md). Tolerances as in tests/test_distributed_runs.py; resume is bit-exact.
+On the tiny Llama (the fsdp2.yaml auto-wrap needs `_no_split_modules`; BERT is refused by Accelerate 1.15 and 1.16,
+see docs/scaling.md). Tolerances as in tests/test_distributed_runs.py; resume is bit-exact.
 """
 
 from __future__ import annotations
