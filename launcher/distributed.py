@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, GradientAccumulationPlugin, InitProcessGroupKwargs, ProjectConfiguration
@@ -67,6 +67,9 @@ def build_accelerator(recipe: Recipe, precision: Precision, device: DeviceInfo) 
         complete_fsdp_on_cpu(accelerator, fsdp2_plugin_for_cpu())
     check_one_training_group(accelerator, world_size, device)
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        problem = nonfinite_policy_problem(recipe.training)
+        if problem:
+            raise LaunchError(problem)
         plugin = accelerator.state.deepspeed_plugin
         reconcile_deepspeed_config(plugin.deepspeed_config, recipe.training, precision, world_size)
         # The HfDeepSpeedConfig that from_pretrained reads (ZeRO-3 init) is a copy: refresh it after filling.
@@ -117,6 +120,17 @@ def optimizer_step_device(accelerator: Accelerator, device_type: str) -> str:
     if accelerator.distributed_type != DistributedType.DEEPSPEED:
         return device_type
     return "cpu" if optimizer_offloaded(accelerator.state.deepspeed_plugin.deepspeed_config) else device_type
+
+
+def nonfinite_policy_problem(training: TrainingSection) -> Optional[str]:
+    """Why `training.on_nonfinite_loss` cannot run under DeepSpeed, if it cannot. Accelerate's DeepSpeed wrapper
+    steps the engine inside the backward of a window's last micro-batch, before the loop sees the step's loss: a
+    skip decided then would keep the non-finite update and only hold back the schedule."""
+    if training.on_nonfinite_loss != "skip":
+        return None
+    return ("training.on_nonfinite_loss=skip cannot skip a step under DeepSpeed (the engine updates the weights "
+            "inside the backward, before the loss is known); set training.on_nonfinite_loss=stop, or train with "
+            "DDP or FSDP")
 
 
 def optimizer_offloaded(config: dict) -> bool:

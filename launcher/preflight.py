@@ -9,6 +9,7 @@ from typing import Optional
 
 from launcher.data import DataError, load_splits
 from launcher.devices import DeviceInfo, precision_note, supports
+from launcher.distributed import nonfinite_policy_problem
 from launcher.memory_plan import MemoryPlanError, Topology, describe_memory, estimate_memory, fits, measure_model
 from launcher.modeling import check_lora_architecture, load_tokenizer
 from launcher.optimization import steps_per_epoch, total_optimizer_steps, warmup_steps
@@ -90,6 +91,8 @@ def check_recipe(recipe: Recipe, topology: Topology, device: DeviceInfo) -> tupl
     labels, LoRA targets, precision support, per-device memory on the topology. Returns the plan and the
     problems that make the recipe fail (an estimate over the given device memory is one)."""
     problems: list[str] = check_lora_architecture(recipe) + check_packing(recipe)
+    if topology.strategy == "deepspeed":
+        problems += filter(None, [nonfinite_policy_problem(recipe.training)])
     plan = RunPlan(recipe, topology.processes, device.type, topology.describe(), recipe.training.precision, None, None)
     problems += plan_memory(plan, topology)
     problems += check_model_source(recipe.model.name_or_path)

@@ -164,7 +164,7 @@ class ClassificationTask(Section):
 CAUSAL_LM_FORMAT_FIELDS = {
     "chat": ("messages_field", "chat_template"),
     "prompt_completion": ("prompt_field", "completion_field", "use_chat_template", "system_prompt", "chat_template"),
-    "labelled": ("prompt_template", "label_words", "use_chat_template", "system_prompt", "chat_template"),
+    "labelled": ("prompt_template", "label_words", "use_chat_template", "system_prompt", "chat_template", "shorten"),
 }
 
 
@@ -195,9 +195,15 @@ class CausalLMTask(Section):
     insert a default one when there is none (SmolLM2's costs 20 tokens of every example)."""
     chat_template: Optional[str] = None
     """A Jinja chat template for a tokenizer that has none (it is saved with the exported tokenizer)."""
+    shorten: Literal["end", "start"] = "end"
+    """labelled: where a text too long for `data.max_length` is cut, so that the instruction and the whole answer
+    still fit: `end` keeps its beginning, `start` keeps its end (where a review's verdict comes last). The text gets
+    what the template, the longest answer and the end marker leave; of a pair, the longer text is shortened first.
+    The plan counts the shortened rows."""
     on_truncated: Literal["drop", "fail"] = "drop"
-    """An example whose trained part is cut away entirely by `data.max_length`: `drop` it (the plan counts them) or
-    `fail` naming the rows."""
+    """An example whose trained part is cut away entirely by `data.max_length` (labelled: whose prompt template and
+    longest answer alone leave no room for one token of its text): `drop` it (the plan counts them) or `fail` naming the
+    rows."""
     generations: int = Field(default=4, ge=0)
     """Greedy generations from this many eval prompts at each evaluation, written to `generations/step-N.jsonl`."""
     max_new_tokens: int = Field(default=48, ge=1)
@@ -286,7 +292,8 @@ class TrainingSection(Section):
     """Write a metrics-log line every this many optimizer steps."""
     on_nonfinite_loss: Literal["stop", "skip"] = "stop"
     """A NaN/inf loss or gradient norm: `stop` ends the run with an error naming the step; `skip` drops that
-    optimizer step on every rank and goes on."""
+    optimizer step on every rank and goes on (weights, optimizer state and schedule as the step before left them).
+    DeepSpeed updates inside the backward, before the loss is known: `skip` is refused there."""
     collective_timeout_s: int = Field(default=1800, ge=10)
     """Timeout of collectives (gloo/nccl/hccl): a rank that stops answering ends the run after this."""
     compile: bool = False

@@ -42,9 +42,9 @@ class RunReporter:
         self.log_path = Path(run_dir) / METRICS_LOG
         self.bar = tqdm(total=total_steps, initial=first_step, disable=not self.enabled, desc="training", unit="step")
 
-    def advance(self, loss: float, lr: float, samples_per_s: float) -> None:
+    def advance(self, loss: Optional[float], lr: float, samples_per_s: float) -> None:
         self.bar.update(1)
-        self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{samples_per_s:.1f}", refresh=False)
+        self.bar.set_postfix(loss="-" if loss is None else f"{loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{samples_per_s:.1f}", refresh=False)
 
     def log(self, kind: str, step: int, values: dict[str, Any]) -> None:
         """One JSONL record `{"kind", "step", ...values}`; numbers also go to the tracker as `kind/name`."""

@@ -5,7 +5,9 @@ The loss of an optimizer step is the mean over all loss items of the step (examp
 its micro-batches and processes, not a mean of per-micro-batch means: with tokens, micro-batches hold different
 numbers of them, and averaging their means would weigh a token of a short batch more (transformers' own
 gradient-accumulation bug, fixed in transformers PR 34191). The window's micro-batches are fetched first, their
-items counted and summed over the processes, and each micro-batch's mean loss is weighted by its share.
+items counted and summed over the processes, and each micro-batch's loss sum is divided by that count. The
+examples Accelerate repeats to give every rank a batch in an epoch's last round count nothing
+(`Trainer.counted_examples`); a step with no item at all makes no update.
 """
 
 from __future__ import annotations
@@ -33,6 +35,11 @@ from launcher.stopping import StopRequest
 from launcher.tasks.base import Batch, Task
 
 
+WINDOW_TOTALS = ("loss_sum", "loss_items", "samples", "real_tokens", "padded_tokens")
+"""What an optimizer step's micro-batches add up to on a rank, summed over the ranks in one all-reduce: `samples`
+counts the examples learned from (not the repeats of an epoch's last round), the tokens count what ran."""
+
+
 class NonFiniteLossError(RuntimeError):
     """The loss, gradient norm or weights became NaN/inf (and, for loss and gradient, the recipe says stop)."""
 
@@ -45,7 +52,8 @@ class CollectiveError(RuntimeError):
 class StepResult:
     """One optimizer step, summed over all ranks: what the log and the benchmarks read."""
 
-    loss: float
+    loss: Optional[float]
+    """None when the step had no loss item (an empty window: no update, the schedule holds)."""
     grad_norm: Optional[float]
     skipped: bool
     loss_items: int
@@ -157,49 +165,64 @@ class Trainer:
         return itertools.chain([first] if first is not None else [], batches)
 
     def forward_backward(self, window: list[Batch]) -> torch.Tensor:
-        """Forward and backward of one optimizer step's micro-batches, each weighted by its share of the step's loss
-        items over all processes; returns this rank's (loss sum, loss items, samples, real tokens, padded tokens)."""
-        items = [self.task.loss_items(batch) for batch in window]
+        """Forward and backward of one optimizer step's micro-batches, each micro-batch's loss sum divided by the
+        step's loss items over all processes; returns this rank's WINDOW_TOTALS. A step without any loss item
+        (every trained token cut away) runs no forward at all: there is nothing to learn, and no NaN to divide."""
+        counted = [self.counted_examples(self.position.batches_in_epoch + i, batch) for i, batch in enumerate(window)]
+        items = [self.task.loss_items(batch, mask) for batch, mask in zip(window, counted)]
         device = self.accelerator.device
         step_items = float(sum(items))
         if self.accelerator.num_processes > 1:  # one process knows its count on the host: no device round trip
             step_items = self.accelerator.reduce(torch.tensor(step_items, device=device), reduction="sum").item()
         # Accelerate (or DeepSpeed) divides each micro-batch's loss by the accumulation steps and DDP averages the
-        # gradients over the processes; this weight undoes both and applies the item share instead.
-        scale = self.accelerator.gradient_accumulation_steps * self.accelerator.num_processes / step_items
+        # gradients over the processes; this weight undoes both and divides by the step's items instead.
+        scale = self.accelerator.gradient_accumulation_steps * self.accelerator.num_processes / max(step_items, 1.0)
         # Sync (all-reduce, optimizer step) exactly at the window's last micro-batch, whatever its length.
         self.accelerator.step = self.accelerator.gradient_accumulation_steps - len(window)
-        counts = torch.zeros(5, dtype=torch.float64, device=device)
-        for batch, batch_items in zip(window, items):
-            with self.accelerator.accumulate(self.model):
-                loss = self.task.loss(self.model, batch)
-                self.accelerator.backward(loss * (batch_items * scale))
+        totals = torch.zeros(len(WINDOW_TOTALS), dtype=torch.float64, device=device)
+        for batch, mask, batch_items in zip(window, counted, items):
+            loss_sum = torch.zeros((), device=device)
+            if step_items:
+                with self.accelerator.accumulate(self.model):
+                    loss_sum = self.task.loss(self.model, batch, mask)
+                    self.accelerator.backward(loss_sum * scale)
             self.position.batches_in_epoch += 1
+            examples = [ids for ids, kept in zip(example_token_ids(batch), mask.tolist()) if kept]
             if self.recipe.training.log_sample_fingerprints:
-                self.window_fingerprints += [zlib.crc32(ids.cpu().numpy().tobytes()) for ids in example_token_ids(batch)]
+                self.window_fingerprints += [zlib.crc32(ids.cpu().numpy().tobytes()) for ids in examples]
             tokens = batch["input_ids"]
             real_tokens = batch["attention_mask"].sum() if "attention_mask" in batch else tokens.numel()  # packed: no padding
-            samples = len(example_token_ids(batch)) if "position_ids" in batch else len(tokens)
-            step_counts = (loss.detach().double() * batch_items, batch_items, samples, real_tokens, tokens.numel())
-            counts += torch.stack([torch.as_tensor(c, dtype=torch.float64, device=device) for c in step_counts])
-        return counts
+            batch_totals = (loss_sum.detach().double(), batch_items, len(examples), real_tokens, tokens.numel())
+            totals += torch.stack([torch.as_tensor(c, dtype=torch.float64, device=device) for c in batch_totals])
+        return totals
+
+    def counted_examples(self, batch_in_epoch: int, batch: Batch) -> torch.Tensor:
+        """Which examples of this rank's micro-batch are the epoch's own. To give every rank a full batch in an
+        epoch's last round, Accelerate's `even_batches` completes them with examples from the epoch's start; they
+        must count nothing, or they would weigh twice. Accelerate deals batch b of the epoch to rank
+        b % processes, so slot j of this rank's micro-batch r holds example
+        (r x processes + rank) x batch size + j of the epoch: those past the dataset's end are repeats."""
+        processes, batch_size = self.accelerator.num_processes, self.recipe.training.per_device_batch_size
+        first = (batch_in_epoch * processes + self.accelerator.process_index) * batch_size
+        return torch.arange(first, first + len(example_token_ids(batch))) < len(self.train_loader.dataset)
 
     def optimizer_step(self, window: torch.Tensor, window_start: float) -> StepResult:
         """Clip, check for non-finite values (every rank sees the same reduced numbers), step or skip."""
         training = self.recipe.training
-        loss_sum, items, samples, real_tokens, padded_tokens = self.accelerator.reduce(window, reduction="sum").tolist()
-        loss = loss_sum / items
+        totals = dict(zip(WINDOW_TOTALS, self.accelerator.reduce(window, reduction="sum").tolist()))
+        items = totals["loss_items"]
+        loss = totals["loss_sum"] / items if items else None
         grad_norm = None
-        if training.max_grad_norm is not None:
+        if items and training.max_grad_norm is not None:
             grad_norm = float(self.accelerator.clip_grad_norm_(self.model.parameters(), training.max_grad_norm))
-        finite = math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm))
+        finite = loss is None or (math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm)))
         if not finite and training.on_nonfinite_loss == "stop":
             raise NonFiniteLossError(
                 f"non-finite loss {loss} / grad norm {grad_norm} at optimizer step {self.position.optimizer_step + 1}; "
                 "no checkpoint was written with these values. Lower training.lr, check the data, or set "
                 "training.on_nonfinite_loss=skip"
             )
-        if finite:
+        if finite and items:
             self.optimizer.step()
             if not self.accelerator.optimizer_step_was_skipped:
                 self.scheduler.step()
@@ -210,8 +233,8 @@ class Trainer:
         if training.log_sample_fingerprints:
             fingerprints = gather_object(self.window_fingerprints)
             self.window_fingerprints = []
-        return StepResult(loss, grad_norm, not finite, int(items), int(samples), int(real_tokens), int(padded_tokens), seconds,
-                          fingerprints)
+        return StepResult(loss, grad_norm, not finite, int(items), int(totals["samples"]), int(totals["real_tokens"]),
+                          int(totals["padded_tokens"]), seconds, fingerprints)
 
     def after_step(self, result: StepResult) -> None:
         self.position.optimizer_step += 1
@@ -219,7 +242,8 @@ class Trainer:
         lr = self.scheduler.get_last_lr()[0]
         self.position.samples_seen += result.samples
         self.reporter.advance(result.loss, lr, result.samples / result.seconds)
-        if step % self.recipe.training.log_every_steps == 0 or result.skipped:
+        empty = result.loss_items == 0
+        if step % self.recipe.training.log_every_steps == 0 or result.skipped or empty:
             record = {
                 "epoch": self.position.epoch, "loss": result.loss, "lr": lr, "loss_items": result.loss_items,
                 "samples": result.samples,
@@ -229,6 +253,8 @@ class Trainer:
                 record["grad_norm"] = result.grad_norm
             if result.skipped:
                 record["skipped_nonfinite"] = True
+            if empty:
+                record["empty_window"] = True
             if result.sample_fingerprints is not None:
                 record["sample_fingerprints"] = result.sample_fingerprints
             self.reporter.log("train", step, record)

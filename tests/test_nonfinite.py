@@ -1,5 +1,6 @@
 """Non-finite loss or weights: every rank takes the same action (stop naming the step, or skip the step), and
-NaN/inf weights are never checkpointed. The NaN is real: one vocabulary word's embedding is set to 3e38 (finite,
+NaN/inf weights are never checkpointed. A skip changes nothing (weights, optimizer moments, schedule) on one
+process and under DDP; under DeepSpeed, which steps inside the backward, `skip` is refused before training. The NaN is real: one vocabulary word's embedding is set to 3e38 (finite,
 near float32's max) in a copy of the tiny model, so any example containing it overflows to inf/NaN in the forward."""
 
 from __future__ import annotations
@@ -12,9 +13,14 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
 
 from builders import FILLER, write_csv
-from conftest import run_in_process, tiny_recipe, write_recipe
-from faults import start_ranks, train_records
+from conftest import REPO, run_in_process, tiny_recipe, write_recipe
+from faults import run_faulty, start_ranks, train_records
+from test_distributed_runs import CPU_DEEPSPEED, launch
 from launcher.checkpointing import CHECKPOINTS
+from launcher.reporting import METRICS_LOG
+from launcher.run import main
+
+SKIP_REFUSED = "training.on_nonfinite_loss=skip cannot skip a step under DeepSpeed"
 
 POISON = "superb"
 
@@ -38,11 +44,12 @@ def poisoned(assets, tmp_path_factory):
     return model, write_csv(root / "train.csv", rows)
 
 
-def recipe_for(assets, tmp_path, poisoned, **training):
+def recipe_for(assets, tmp_path, poisoned, output=None, **training):
     model, data = poisoned
     recipe = tiny_recipe(
         assets, tmp_path / "run", data={"train_file": str(data)},
-        training={"per_device_batch_size": 4, "max_grad_norm": None, **training}, output={"save_every_steps": 1},
+        training={"per_device_batch_size": 4, "max_grad_norm": None, **training},
+        output={"save_every_steps": 1, **(output or {})},
     )
     recipe["model"]["name_or_path"] = str(model)
     return write_recipe(tmp_path / "recipe.yaml", recipe)
@@ -94,3 +101,41 @@ def test_nonfinite_weights_are_never_checkpointed(assets, tmp_path, capsys):
     assert "weights hold NaN/inf after optimizer step 2; they were not checkpointed" in capsys.readouterr().err
     assert all(r["loss"] == r["loss"] for r in train_records(tmp_path / "run").values()), "the loss stayed finite"
     assert not any((tmp_path / "run" / CHECKPOINTS).glob("step-*"))
+
+
+@pytest.mark.parametrize("processes", [1, pytest.param(2, marks=pytest.mark.slow)])
+def test_a_skipped_step_changes_no_weight_moment_or_schedule(assets, tmp_path, poisoned, processes):
+    """One process, or two under DDP (the poisoned example reaches one rank): the checkpoint of the skipped step
+    holds exactly what the step before it left."""
+    recipe = recipe_for(assets, tmp_path, poisoned, on_nonfinite_loss="skip", output={"keep_last": 20})
+    if processes == 1:
+        assert run_in_process(recipe) == 0
+    else:
+        result = run_faulty("none", 0, "all", recipe, processes=processes)
+        assert result.returncode == 0, result.stderr[-3000:]
+    records = train_records(tmp_path / "run")
+    step = max(step for step, r in records.items() if r.get("skipped_nonfinite"))  # the second epoch's: step > 1
+    before, after = (tmp_path / "run" / CHECKPOINTS / f"step-{s:08d}" for s in (step - 1, step))
+    weights = [load_file(str(folder / "model.safetensors")) for folder in (before, after)]
+    assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
+    optimizers = [torch.load(folder / "optimizer.bin", weights_only=False)["state"] for folder in (before, after)]
+    assert all(torch.equal(optimizers[0][p][k], optimizers[1][p][k]) for p in optimizers[0] for k in optimizers[0][p])
+    assert records[step]["lr"] == records[step - 1]["lr"]
+
+
+def test_check_refuses_skip_under_deepspeed_naming_the_fix(assets, tmp_path, poisoned, capsys):
+    recipe = str(recipe_for(assets, tmp_path, poisoned, on_nonfinite_loss="skip"))
+    assert main([recipe, "--check", "--accelerate-config", str(REPO / "accelerate_configs/zero2.yaml")]) == 1
+    error = capsys.readouterr().err
+    assert SKIP_REFUSED in error and "training.on_nonfinite_loss=stop" in error, error
+    assert main([recipe, "--check", "--accelerate-config", str(REPO / "accelerate_configs/cpu_ddp.yaml")]) == 0
+
+
+@pytest.mark.slow
+def test_deepspeed_launch_refuses_skip_before_training(assets, tmp_path, poisoned):
+    """Accelerate's DeepSpeed wrapper steps the engine inside the window's last backward: a skip decided after it
+    would keep a NaN update and only hold back the schedule."""
+    result = launch("accelerate_configs/zero2.yaml", recipe_for(assets, tmp_path, poisoned, on_nonfinite_loss="skip"),
+                    CPU_DEEPSPEED)
+    assert result.returncode == 1 and SKIP_REFUSED in result.stderr, result.stderr[-3000:]
+    assert not (tmp_path / "run" / METRICS_LOG).exists(), "refused before the first step"

@@ -64,12 +64,14 @@ class Task(ABC):
         """(training collator, evaluation collator)."""
 
     @abstractmethod
-    def loss_items(self, batch: Batch) -> int:
-        """How many things the loss of `batch` averages over (examples, or trained tokens)."""
+    def loss_items(self, batch: Batch, counted: torch.Tensor) -> int:
+        """How many things the loss of `batch` sums over (examples, or trained tokens) in its `counted` examples
+        (a bool per example, in batch order; the others are repeats that give every rank a batch)."""
 
     @abstractmethod
-    def loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-        """The mean loss over the batch's `loss_items`."""
+    def loss(self, model: torch.nn.Module, batch: Batch, counted: torch.Tensor) -> torch.Tensor:
+        """The loss summed over the `loss_items` of the `counted` examples: 0 where there are none, still reaching
+        every trained weight (a rank whose batch counts nothing still joins the gradient all-reduce)."""
 
     @abstractmethod
     def evaluate(self, model: torch.nn.Module, loader: DataLoader, accelerator: Accelerator) -> dict[str, float]:

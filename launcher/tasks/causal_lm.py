@@ -31,7 +31,7 @@ from launcher.forward_routes import add_forward_route
 from launcher.metrics import compute_metrics
 from launcher.recipe import Recipe
 from launcher.tasks.base import Batch, Collator, Task
-from launcher.tasks.sft_text import IGNORE, Rendered, TextRenderer, Tokenized, check_messages, tokenize
+from launcher.tasks.sft_text import IGNORE, Fitted, Rendered, TextRenderer, Tokenized, check_messages, fit_texts, tokenize
 
 
 @dataclass
@@ -39,7 +39,7 @@ class TrainedTokenOutput(ModelOutput):
     """What the SFT forward returns instead of full logits."""
 
     loss: Optional[torch.Tensor] = None
-    """Mean cross-entropy over the trained tokens."""
+    """Cross-entropy summed over the trained tokens (0 when there are none: a mean of nothing would be NaN)."""
     token_losses: Optional[torch.Tensor] = None
     """Cross-entropy of each trained token (fp32), in row-major order of `selected`."""
     logits: Optional[torch.Tensor] = None
@@ -64,7 +64,7 @@ def trained_token_forward(lm: PreTrainedModel, input_ids: torch.Tensor, targets:
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
     token_losses = F.cross_entropy(logits, targets[selected], reduction="none")
-    return TrainedTokenOutput(loss=token_losses.mean(), token_losses=token_losses, logits=logits, selected=selected)
+    return TrainedTokenOutput(loss=token_losses.sum(), token_losses=token_losses, logits=logits, selected=selected)
 
 
 def enable_trained_token_batches(model: torch.nn.Module) -> None:
@@ -76,6 +76,18 @@ def next_token_targets(labels: list[int]) -> list[int]:
     """Position t is trained to predict token t+1: shift within the example, so no target crosses into the next
     example of a packed row."""
     return labels[1:] + [IGNORE]
+
+
+def counted_targets(batch: Batch, counted: torch.Tensor) -> torch.Tensor:
+    """The batch's targets, IGNORE wherever an example does not count: a padded batch holds one example per row,
+    a packed row its examples one after another (positions restart at 0 with each)."""
+    targets = batch["targets"]
+    counted = counted.to(targets.device)
+    if "position_ids" in batch:
+        keep = counted[(batch["position_ids"] == 0).cumsum(dim=-1) - 1]
+    else:
+        keep = counted[:, None].expand_as(targets)
+    return torch.where(keep, targets, IGNORE)
 
 
 class PaddedSFTCollator:
@@ -174,19 +186,28 @@ class CausalLanguageModeling(Task):
     def answers(self) -> list[str]:
         return self.recipe.task.label_words or self.labels.names
 
-    def render(self, row: dict[str, Any], where: str, answer: Optional[str] = None) -> Rendered:
-        """One row as text; `answer` replaces a labelled row's gold answer (restricted-choice candidates)."""
-        task, data = self.recipe.task, self.recipe.data
+    def render(self, row: dict[str, Any], where: str) -> Rendered:
+        """One row as text; a labelled row with its gold answer and its text shortened as its evaluation does."""
+        task = self.recipe.task
         if task.format == "chat":
             return self.renderer.chat(check_messages(row[task.messages_field], where))
         if task.format == "prompt_completion":
             prompt, completion = text_in(row, task.prompt_field, where), text_in(row, task.completion_field, where)
             return self.renderer.prompt_answer(prompt, completion, answer_span=False)
+        return self.fit(row, where, self.answers()).rendered[self.class_of(row, where)]
+
+    def fit(self, row: dict[str, Any], where: str, answers: list[str]) -> Fitted:
+        """A labelled row rendered with each of `answers` after one prompt, its text shortened (`task.shorten`) so
+        that the longest fits `data.max_length`."""
+        data, template = self.recipe.data, self.recipe.task.prompt_template
         texts = {"text": text_in(row, data.text_field, where)}
         if data.text_pair_field:
             texts["text_pair"] = text_in(row, data.text_pair_field, where)
-        gold = self.answers()[self.class_of(row, where)]
-        return self.renderer.prompt_answer(task.prompt_template.format(**texts), answer or gold, answer_span=True)
+
+        def render(filled: dict[str, str]) -> list[Rendered]:
+            return [self.renderer.prompt_answer(template.format(**filled), answer, answer_span=True) for answer in answers]
+
+        return fit_texts(texts, render, self.tokenizer, data.max_length, self.recipe.task.shorten)
 
     @classmethod
     def columns(cls, recipe: Recipe) -> list[str]:
@@ -225,31 +246,48 @@ class CausalLanguageModeling(Task):
 
         def encode(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
             rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
-            out: dict[str, list] = {"input_ids": [], "labels": [], "truncated": []}
-            if choices:
-                out |= {"choice_input_ids": [], "choice_labels": [], "choice_answers": [], "class_id": [],
-                        "answer_at": [], "class_tokens": []}
-            for index, row in zip(indices, rows):
-                where = f"{origin} row {index}"
-                gold = tokenize(self.render(row, where), self.tokenizer, max_length)
-                out["input_ids"].append(gold.input_ids)
-                out["labels"].append(gold.labels)
-                out["truncated"].append(gold.truncated)
-                if choices:
-                    candidates = [tokenize(self.render(row, where, answer), self.tokenizer, max_length) for answer in self.answers()]
-                    out["choice_input_ids"].append([c.input_ids for c in candidates])
-                    out["choice_labels"].append([c.labels for c in candidates])
-                    out["choice_answers"].append([c.answer or (len(c.input_ids), len(c.input_ids)) for c in candidates])
-                    out["class_id"].append(self.class_of(row, where))
-                    out["answer_at"].append(gold.answer[0] if gold.answer else -1)
-                    out["class_tokens"].append(single_answer_tokens(candidates))
-                    out["truncated"][-1] = gold.truncated or any(c.answer is None or c.answer[1] > max_length for c in candidates)
-            return out
+            encoded = [self.encode_row(row, f"{origin} row {index}", max_length, choices) for index, row in zip(indices, rows)]
+            return {column: [values[column] for values in encoded] for column in encoded[0]}
 
         tokenized = dataset.map(encode, batched=True, with_indices=True, remove_columns=dataset.column_names,
                                 desc=f"tokenizing {origin}")
-        tokenized = self.drop_truncated(tokenized, origin)
+        tokenized = self.drop_truncated(self.count_shortened(tokenized, origin), origin)
         return self.choose_scoring(tokenized) if choices else tokenized
+
+    def encode_row(self, row: dict[str, Any], where: str, max_length: int, choices: bool) -> dict[str, Any]:
+        """One row's columns. Labelled rows carry their class; with `choices`, every class's candidate after the
+        row's one (shortened) prompt, the gold row being its own class's candidate. A training row's text is cut
+        to leave room for the longest answer too, as at evaluation: were it cut by its own answer's length, where
+        the text ends would tell the label."""
+        if not self.labelled:
+            gold = tokenize(self.render(row, where), self.tokenizer, max_length)
+            return {"input_ids": gold.input_ids, "labels": gold.labels, "truncated": gold.truncated, "shortened": False}
+        class_index = self.class_of(row, where)
+        fitted = self.fit(row, where, self.answers())
+        gold = fitted.tokenized[class_index]
+        columns = {"input_ids": gold.input_ids, "labels": gold.labels, "class_id": class_index,
+                   "truncated": not fitted.fits, "shortened": fitted.shortened}
+        if not choices:
+            return columns
+        candidates = fitted.tokenized
+        return columns | {
+            "choice_input_ids": [c.input_ids for c in candidates],
+            "choice_labels": [c.labels for c in candidates],
+            "choice_answers": [c.answer or (len(c.input_ids), len(c.input_ids)) for c in candidates],
+            "answer_at": gold.answer[0] if gold.answer else -1,
+            "class_tokens": single_answer_tokens(candidates),
+        }
+
+    def count_shortened(self, tokenized: datasets.Dataset, origin: str) -> datasets.Dataset:
+        """Notes how many kept rows were shortened (a row that does not fit even shortened is dropped, not counted)."""
+        kept = ~np.asarray(tokenized["truncated"], dtype=bool)
+        shortened = int(np.count_nonzero(np.asarray(tokenized["shortened"], dtype=bool) & kept))
+        if shortened:
+            side = self.recipe.task.shorten
+            self.notes.append(f"{origin}: shortened the text of {shortened} of {len(tokenized)} rows at its {side} to "
+                              f"fit data.max_length={self.recipe.data.max_length} with the instruction and the whole "
+                              f"answer (task.shorten={side})")
+        return tokenized.remove_columns("shortened")
 
     def choose_scoring(self, tokenized: datasets.Dataset) -> datasets.Dataset:
         """One forward per example when every row's answers are the same single tokens, else one per class."""
@@ -263,12 +301,15 @@ class CausalLanguageModeling(Task):
 
     def drop_truncated(self, tokenized: datasets.Dataset, origin: str) -> datasets.Dataset:
         truncated = [i for i, cut in enumerate(tokenized["truncated"]) if cut]
+        max_length = self.recipe.data.max_length
+        if self.labelled:
+            why = f"do not fit data.max_length={max_length}: the prompt template and the longest answer alone leave no room for their text"
+        else:
+            why = f"lose every trained token to data.max_length={max_length}"
         if truncated and self.recipe.task.on_truncated == "fail":
-            raise DataError(f"{origin}: rows {truncated[:10]} lose every trained token (or their answer) to "
-                            f"data.max_length={self.recipe.data.max_length}; raise it or set task.on_truncated=drop")
+            raise DataError(f"{origin}: rows {truncated[:10]} {why}; raise data.max_length or set task.on_truncated=drop")
         if truncated:
-            self.notes.append(f"{origin}: dropped {len(truncated)} of {len(tokenized)} rows whose trained tokens "
-                              f"data.max_length={self.recipe.data.max_length} cuts away (task.on_truncated=drop)")
+            self.notes.append(f"{origin}: dropped {len(truncated)} of {len(tokenized)} rows that {why} (task.on_truncated=drop)")
             tokenized = tokenized.filter(lambda cut: not cut, input_columns="truncated")
         if len(tokenized) == 0:
             raise DataError(f"{origin}: no rows left to train on")
@@ -277,17 +318,20 @@ class CausalLanguageModeling(Task):
     def adapt_model(self, model: torch.nn.Module) -> None:
         enable_trained_token_batches(model)
 
+    def class_ids(self, train: datasets.Dataset) -> Optional[list[int]]:
+        return list(train["class_id"]) if self.labelled else None
+
     def collators(self) -> tuple[Collator, Collator]:
         multiple = 8 if self.recipe.training.precision != "fp32" else None
         padded = PaddedSFTCollator(self.tokenizer.pad_token_id, multiple)
         train = packed_sft_batch if self.recipe.data.padding == "packed" else padded
         return train, ChoiceCollator(self.tokenizer.pad_token_id, multiple) if self.labelled else padded
 
-    def loss_items(self, batch: Batch) -> int:
-        return int((batch["targets"] != IGNORE).sum())
+    def loss_items(self, batch: Batch, counted: torch.Tensor) -> int:
+        return int((counted_targets(batch, counted) != IGNORE).sum())
 
-    def loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-        return model(**batch).loss
+    def loss(self, model: torch.nn.Module, batch: Batch, counted: torch.Tensor) -> torch.Tensor:
+        return model(**(batch | {"targets": counted_targets(batch, counted)})).loss
 
     def evaluate(self, model: torch.nn.Module, loader: DataLoader, accelerator: Accelerator) -> dict[str, float]:
         loss_sums, token_counts, scores, references = [], [], [], []

@@ -108,11 +108,12 @@ class SequenceClassification(Task):
         train = PackedCollator(self.tokenizer.pad_token_id) if self.recipe.data.padding == "packed" else padded
         return train, padded
 
-    def loss_items(self, batch: Batch) -> int:
-        return len(batch["labels"])
+    def loss_items(self, batch: Batch, counted: torch.Tensor) -> int:
+        return int(counted.sum())
 
-    def loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-        return self.example_losses(model(**model_inputs(batch)).logits, batch["labels"]).mean()
+    def loss(self, model: torch.nn.Module, batch: Batch, counted: torch.Tensor) -> torch.Tensor:
+        losses = self.example_losses(model(**model_inputs(batch)).logits, batch["labels"])
+        return losses[counted.to(losses.device)].sum()
 
     def example_losses(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Each example's loss: cross-entropy, times its class's weight when the recipe weights classes."""

@@ -4,13 +4,14 @@ Every format becomes one `Rendered`: the full text, the spans whose tokens are t
 completion, the answer and its end-of-turn marker) and, for labelled rows, the span of the answer word(s) alone,
 which restricted-choice evaluation scores. Rendering the whole conversation once and mapping spans to tokens by
 their character offsets keeps the tokens exactly those of the full text (tokenizing pieces separately can merge
-differently at the seams).
+differently at the seams). A labelled row's text that is too long for `data.max_length` is shortened before it is
+rendered (`fit_texts`), so that the instruction and the whole answer always fit.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Literal, Optional
 
 from transformers import PreTrainedTokenizerBase
 
@@ -19,6 +20,7 @@ from launcher.recipe import CausalLMTask
 
 ROLES = ("system", "user", "assistant")
 IGNORE = -100  # the target of a token that is not trained (PyTorch's cross-entropy ignore_index)
+FIT_ATTEMPTS = 8  # tokens can merge differently where a text is cut: the fit is re-measured, the budget shrinks
 
 
 @dataclass(frozen=True)
@@ -105,13 +107,13 @@ class Tokenized:
     labels: list[int]
     """`input_ids` where trained, IGNORE elsewhere (not yet shifted to next-token targets)."""
     answer: Optional[tuple[int, int]]
-    """Token range of the answer word(s), when asked for."""
+    """Token range of the answer word(s), when asked for and not cut."""
     truncated: bool
-    """`data.max_length` cut away every trained token."""
+    """`max_length` cut away every trained token, or part of the answer asked for."""
 
 
-def tokenize(rendered: Rendered, tokenizer: PreTrainedTokenizerBase, max_length: int) -> Tokenized:
-    """Tokens of the full text, trained where a token overlaps a trained span, cut to `max_length`."""
+def tokenize(rendered: Rendered, tokenizer: PreTrainedTokenizerBase, max_length: Optional[int]) -> Tokenized:
+    """Tokens of the full text, trained where a token overlaps a trained span, cut to `max_length` (None: uncut)."""
     encoded = tokenizer(rendered.text, add_special_tokens=rendered.plain, return_offsets_mapping=True)
     ids, offsets = list(encoded["input_ids"]), list(encoded["offset_mapping"])
 
@@ -127,5 +129,73 @@ def tokenize(rendered: Rendered, tokenizer: PreTrainedTokenizerBase, max_length:
     if rendered.answer is not None:
         positions = [i for i, offset in enumerate(offsets) if inside([rendered.answer], *offset)]
         answer = (positions[0], positions[-1] + 1) if positions else None
-    ids, labels = ids[:max_length], labels[:max_length]
-    return Tokenized(ids, labels, answer, truncated=all(label == IGNORE for label in labels))
+    if max_length is not None:
+        ids, labels = ids[:max_length], labels[:max_length]
+        answer = answer if answer is not None and answer[1] <= max_length else None
+    lost_answer = rendered.answer is not None and answer is None
+    return Tokenized(ids, labels, answer, truncated=lost_answer or all(label == IGNORE for label in labels))
+
+
+@dataclass(frozen=True)
+class Fitted:
+    """A labelled row's texts as they are trained and scored, with every rendering of them."""
+
+    texts: dict[str, str]
+    rendered: list[Rendered]
+    tokenized: list[Tokenized]
+    """One per rendering, uncut."""
+    shortened: bool
+    fits: bool
+    """Every rendering is at most `max_length` tokens. False: the template and the answer leave no room for one
+    token of each text (the shortest attempt is kept, for the caller to drop or refuse)."""
+
+
+def token_spans(text: str, tokenizer: PreTrainedTokenizerBase) -> list[tuple[int, int]]:
+    return list(tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"])
+
+
+def split_budget(lengths: list[int], budget: int) -> list[int]:
+    """How many of its tokens each text keeps of `budget` in all: the longest is shortened first, down to the next
+    one's length, then both alike (shortest texts served first, each at most an equal share of what is left)."""
+    keep = [0] * len(lengths)
+    left = budget
+    for served, index in enumerate(sorted(range(len(lengths)), key=lambda i: lengths[i])):
+        keep[index] = min(lengths[index], left // (len(lengths) - served))
+        left -= keep[index]
+    return keep
+
+
+def cut(text: str, spans: list[tuple[int, int]], keep: int, side: Literal["end", "start"]) -> str:
+    """`text` down to `keep` of its tokens (`spans`), cut at its end or its start, at a token boundary."""
+    if keep >= len(spans):
+        return text
+    if side == "end":
+        return text[:spans[keep - 1][1]].rstrip()
+    return text[spans[len(spans) - keep][0]:].lstrip()
+
+
+def fit_texts(texts: dict[str, str], render: Callable[[dict[str, str]], list[Rendered]],
+              tokenizer: PreTrainedTokenizerBase, max_length: int, side: Literal["end", "start"]) -> Fitted:
+    """`texts` (a template's `{text}`, `{text_pair}`) shortened where needed so that every rendering `render` makes
+    of them fits `max_length` tokens whole.
+
+    The texts' budget is `max_length` less everything else in the longest rendering (template, answer, end marker,
+    special tokens); a pair splits it with `split_budget`. The fit is measured on the full renderings, since tokens
+    can merge differently at a cut and inside the template, and the budget shrinks by what is still over."""
+    rendered = render(texts)
+    tokenized = [tokenize(r, tokenizer, None) for r in rendered]
+    over = max(len(t.input_ids) for t in tokenized) - max_length
+    if over <= 0:
+        return Fitted(texts, rendered, tokenized, shortened=False, fits=True)
+    spans = {name: token_spans(text, tokenizer) for name, text in texts.items()}
+    budget = sum(len(s) for s in spans.values()) - over
+    for _ in range(FIT_ATTEMPTS):
+        keep = split_budget([len(s) for s in spans.values()], max(budget, len(texts)))
+        shortened = {name: cut(texts[name], spans[name], k, side) for name, k in zip(texts, keep)}
+        rendered = render(shortened)
+        tokenized = [tokenize(r, tokenizer, None) for r in rendered]
+        over = max(len(t.input_ids) for t in tokenized) - max_length
+        if over <= 0 or budget <= len(texts):
+            return Fitted(shortened, rendered, tokenized, shortened=True, fits=over <= 0)
+        budget = min(budget - 1, sum(keep) - over)
+    return Fitted(shortened, rendered, tokenized, shortened=True, fits=False)
