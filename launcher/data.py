@@ -338,6 +338,13 @@ def example_token_ids(batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
     return list(batch["input_ids"][0].tensor_split(starts[1:]))
 
 
+def real_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """How many of the batch's tokens are not padding (a packed row has none)."""
+    if "attention_mask" in batch:
+        return batch["attention_mask"].sum()
+    return torch.tensor(batch["input_ids"].numel())
+
+
 def build_dataloaders(tokenized: Splits, recipe: Recipe, train_collator, eval_collator,
                       class_ids: Optional[list[int]] = None) -> tuple[DataLoader, Optional[DataLoader]]:
     """Train and eval loaders with the task's collators; training batches come from `EpochShuffleSampler`, whose

@@ -150,10 +150,10 @@ def model_config(name_or_path: str) -> tuple[PretrainedConfig, str]:
 def measure_model(recipe: Recipe) -> ModelSize:
     """Build the recipe's classifier (and LoRA) on the meta device and count its parameters exactly."""
     config, source = model_config(recipe.model.name_or_path)
-    if recipe.task.type == "sequence_classification":
-        config.num_labels = recipe.task.head_outputs
+    task = task_class(recipe)
+    for name, value in task.planned_config(recipe).items():
+        setattr(config, name, value)
     with torch.device("meta"):
-        task = task_class(recipe)
         model = task.model_class.from_config(config)
         if recipe.lora.enabled:
             model = apply_lora(model, recipe.lora, task.peft_task_type)
@@ -171,8 +171,7 @@ def estimate_memory(size: ModelSize, topology: Topology, recipe: Recipe) -> Memo
     else:
         estimate = torch_states(size, topology, DTYPE_BYTES[recipe.model.load_dtype])
     estimate.device_bytes["activations"] = activation_bytes(size, recipe)
-    if recipe.task.type == "causal_lm":
-        estimate.device_bytes["LM-head logits of the trained tokens"] = logits_bytes(size, recipe)
+    estimate.device_bytes |= task_class(recipe).memory_rows(recipe, size.vocab_size)
     estimate.device_bytes["runtime overhead"] = RUNTIME_OVERHEAD_BYTES
     return estimate
 
@@ -239,16 +238,6 @@ def activation_bytes(size: ModelSize, recipe: Recipe) -> float:
     if recipe.model.gradient_checkpointing:
         return (size.layers * 2 * s * b * h) * scale + layer
     return size.layers * layer
-
-
-def logits_bytes(size: ModelSize, recipe: Recipe) -> float:
-    """SFT logits: the LM head runs on the trained tokens only (at most batch x max_length of them), each a row of
-    vocab logits kept in the compute dtype for backward, upcast to fp32 for the loss, and its fp32 gradient:
-    2 + 4 + 4 bytes per logit under mixed precision, 4 + 4 + 4 in fp32. For Llama 3 (128k vocab) at batch 4 x
-    512 tokens that is 2.4 GiB per device, which computing logits for every position would spend on prompts too."""
-    tokens = recipe.training.per_device_batch_size * recipe.data.max_length
-    compute_bytes = 2 if recipe.training.precision in ("bf16", "fp16") else 4
-    return tokens * size.vocab_size * (compute_bytes + 4 + 4)
 
 
 def describe_memory(size: ModelSize, topology: Topology, estimate: MemoryEstimate) -> list[str]:

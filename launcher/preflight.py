@@ -54,7 +54,7 @@ class RunPlan:
         lora = f"LoRA r={r.lora.r} alpha={r.lora.alpha}" if r.lora.enabled else "full fine-tune"
         rows = [
             ("model", f"{r.model.name_or_path} ({lora}, weights in {r.model.load_dtype})"),
-            ("task", f"{describe_task(r)}, metrics {', '.join(['loss', *r.metric_names])}"),
+            ("task", f"{task_class(r).describe(r)}, metrics {', '.join(['loss', *r.metric_names])}"),
             ("data", f"train {self.train_examples or unknown} / eval {self.eval_examples if self.eval_examples is not None else 'none'}"
                      f", max_length {r.data.max_length}, padding {r.data.padding}"),
             ("global batch", f"{self.global_batch} = {t.per_device_batch_size} per device x {t.gradient_accumulation_steps} "
@@ -72,18 +72,6 @@ class RunPlan:
         lines += [f"{'memory'.rjust(width)} : {m}" for m in self.memory]
         lines += [f"{'note'.rjust(width)} : {n}" for n in self.notes]
         return "\n".join(lines)
-
-
-def describe_task(recipe: Recipe) -> str:
-    task, texts = recipe.task, "sentence pairs" if recipe.data.is_pair_task else "single text"
-    if task.type == "sequence_classification":
-        return {
-            "single_label": f"{task.num_labels}-class {texts}",
-            "multi_label": f"multi-label {texts}, {task.num_labels} classes, threshold {task.threshold:g}",
-            "regression": f"regression on {texts}",
-        }[task.problem_type]
-    trained = {"chat": "assistant turns", "prompt_completion": "completions", "labelled": "answers"}[task.format]
-    return f"causal LM SFT, format {task.format} (loss on the {trained} only)"
 
 
 def check_recipe(recipe: Recipe, topology: Topology, device: DeviceInfo) -> tuple[RunPlan, list[str]]:

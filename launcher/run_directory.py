@@ -20,12 +20,14 @@ import yaml
 
 from launcher.checkpointing import CHECKPOINTS
 from launcher.recipe import Recipe
+from launcher.tasks import TASK_OUTPUT_FILES
 
 RESOLVED_RECIPE = "recipe.resolved.yaml"
 RUN_SUMMARY = "run_summary.json"
 REPLACED_PREFIX = "replaced-"
 RUN_OUTPUTS = (CHECKPOINTS, "model", "adapter", "tensorboard", "metrics.jsonl", RUN_SUMMARY, RESOLVED_RECIPE,
-               "curves.png", "confusion.png", "regression.png", "generations")
+               "curves.png", *TASK_OUTPUT_FILES)
+"""What marks a folder as a run's, whichever task wrote it."""
 
 
 class RunDirectoryError(RuntimeError):

@@ -27,7 +27,7 @@ from accelerate.utils import gather_object
 from torch.utils.data import DataLoader
 
 from launcher.checkpointing import Checkpointer, TrainPosition
-from launcher.data import example_token_ids
+from launcher.data import example_token_ids, real_tokens
 from launcher.devices import peak_allocated_bytes
 from launcher.recipe import Recipe
 from launcher.reporting import RunReporter
@@ -190,9 +190,7 @@ class Trainer:
             examples = [ids for ids, kept in zip(example_token_ids(batch), mask.tolist()) if kept]
             if self.recipe.training.log_sample_fingerprints:
                 self.window_fingerprints += [zlib.crc32(ids.cpu().numpy().tobytes()) for ids in examples]
-            tokens = batch["input_ids"]
-            real_tokens = batch["attention_mask"].sum() if "attention_mask" in batch else tokens.numel()  # packed: no padding
-            batch_totals = (loss_sum.detach().double(), batch_items, len(examples), real_tokens, tokens.numel())
+            batch_totals = (loss_sum.detach().double(), batch_items, len(examples), real_tokens(batch), batch["input_ids"].numel())
             totals += torch.stack([torch.as_tensor(c, dtype=torch.float64, device=device) for c in batch_totals])
         return totals
 

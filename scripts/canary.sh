@@ -13,6 +13,6 @@ VENV="$VENV" LATEST=1 DEMO_ASSETS=0 bash scripts/setup.sh
 "$VENV/bin/python" scripts/lock.py diff
 [ $# -gt 0 ] || set -- -m "not slow and not slurm"
 status=0
-HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 "$VENV/bin/python" -m pytest -q -p no:cacheprovider -rfE "$@" || status=$?
+LATEST=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 "$VENV/bin/python" -m pytest -q -p no:cacheprovider -rfE "$@" || status=$?
 echo "canary: the newest releases $([ $status = 0 ] && echo pass || echo "FAIL (pytest exit $status)") the selected tests"
 exit $status

@@ -19,6 +19,11 @@ CLASSIFICATION_PROBLEMS: dict[str, type[Task]] = {
 }
 
 
+TASK_OUTPUT_FILES = tuple(dict.fromkeys(name for task in (CausalLanguageModeling, *CLASSIFICATION_PROBLEMS.values())
+                                        for name in task.output_files))
+"""What any task writes into a run directory."""
+
+
 def task_class(recipe: Recipe) -> type[Task]:
     if recipe.task.type == "causal_lm":
         return CausalLanguageModeling

@@ -39,10 +39,29 @@ class Task(ABC):
         self.notes: list[str] = []
         """Lines for the run plan that the data preparation found (dropped rows, label words...)."""
 
+    output_files: tuple[str, ...] = ()
+    """What the task writes into the run directory besides the loop's outputs (plots, generations)."""
+
     @classmethod
     @abstractmethod
     def columns(cls, recipe: Recipe) -> list[str]:
         """The dataset columns this task reads (known before a tokenizer is loaded)."""
+
+    @classmethod
+    @abstractmethod
+    def describe(cls, recipe: Recipe) -> str:
+        """What is learned, in a few words, for the run plan."""
+
+    @classmethod
+    def planned_config(cls, recipe: Recipe) -> dict[str, Any]:
+        """Model config values that shape the model before any data is read (a classifier's head size), for the
+        memory plan's model built on the meta device."""
+        return {}
+
+    @classmethod
+    def memory_rows(cls, recipe: Recipe, vocab_size: int) -> dict[str, float]:
+        """Per-device bytes the task adds to the memory plan's rows (named), besides weights, states, activations."""
+        return {}
 
     @abstractmethod
     def prepare_data(self, splits: Splits) -> Splits:

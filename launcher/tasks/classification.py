@@ -41,6 +41,10 @@ from launcher.tasks.base import Batch, Collator, Task
 CONFUSION_PNG = "confusion.png"
 
 
+def texts_of(recipe: Recipe) -> str:
+    return "sentence pairs" if recipe.data.is_pair_task else "single text"
+
+
 def model_inputs(batch: Batch) -> Batch:
     """The batch without its labels: the task computes the loss from the logits itself."""
     return {name: value for name, value in batch.items() if name != "labels"}
@@ -57,9 +61,19 @@ class SequenceClassification(Task):
     weights_meaning = "class weights"
     """What `training.class_weights` weigh, for the plan."""
 
+    output_files = (CONFUSION_PNG,)
+
     @classmethod
     def columns(cls, recipe: Recipe) -> list[str]:
         return labelled_text_columns(recipe.data)
+
+    @classmethod
+    def describe(cls, recipe: Recipe) -> str:
+        return f"{recipe.task.num_labels}-class {texts_of(recipe)}"
+
+    @classmethod
+    def planned_config(cls, recipe: Recipe) -> dict[str, Any]:
+        return {"num_labels": recipe.task.head_outputs}
 
     def prepare_data(self, splits: Splits) -> Splits:
         self.labels = self.resolve_labels(splits)

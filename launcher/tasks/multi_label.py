@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from launcher.data import DataError, LabelEncoder, LabelSpace, Splits, class_id, resolve_labels
-from launcher.tasks.classification import SequenceClassification
+from launcher.recipe import Recipe
+from launcher.tasks.classification import SequenceClassification, texts_of
 
 TRUE_OR_FALSE = {0, 1, True, False}
 
@@ -22,6 +23,10 @@ TRUE_OR_FALSE = {0, 1, True, False}
 class MultiLabelClassification(SequenceClassification):
     hf_problem_type = "multi_label_classification"
     weights_meaning = "positive-example weights (BCE pos_weight)"
+
+    @classmethod
+    def describe(cls, recipe: Recipe) -> str:
+        return f"multi-label {texts_of(recipe)}, {recipe.task.num_labels} classes, threshold {recipe.task.threshold:g}"
 
     def resolve_labels(self, splits: Splits) -> LabelSpace:
         columns = self.recipe.data.label_columns

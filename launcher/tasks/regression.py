@@ -15,7 +15,8 @@ from accelerate import Accelerator
 
 from launcher.data import DataError, LabelEncoder, LabelSpace, Splits
 from launcher.metrics import compute_metrics, write_regression_png
-from launcher.tasks.classification import SequenceClassification
+from launcher.recipe import Recipe
+from launcher.tasks.classification import SequenceClassification, texts_of
 
 
 REGRESSION_PNG = "regression.png"
@@ -23,6 +24,11 @@ REGRESSION_PNG = "regression.png"
 
 class Regression(SequenceClassification):
     hf_problem_type = "regression"
+    output_files = (REGRESSION_PNG,)
+
+    @classmethod
+    def describe(cls, recipe: Recipe) -> str:
+        return f"regression on {texts_of(recipe)}"
 
     def resolve_labels(self, splits: Splits) -> LabelSpace:
         field = self.recipe.data.label_field
