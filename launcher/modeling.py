@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
-from transformers import AutoConfig, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.integrations import is_deepspeed_zero3_enabled
 
 from launcher.library_messages import load_report_held, report_loading
@@ -24,6 +24,37 @@ LORA_TARGETS_BY_ARCHITECTURE = {
     "gemma": ["q_proj", "k_proj", "v_proj", "o_proj"],
 }
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+NO_LIMIT = int(1e29)  # transformers sets model_max_length to 1e30 (VERY_LARGE_INTEGER) where a tokenizer names none
+
+
+class ModelError(ValueError):
+    """The model cannot take what the recipe asks of it."""
+
+
+def sequence_limits(config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase) -> dict[str, int]:
+    """The longest sequences the model takes, as its config and its tokenizer say; a model without a position table
+    (T5's relative positions) and a tokenizer without a limit say nothing. Both are kept: RoBERTa's tokenizer says
+    2 less than its table, whose first rows belong to the padding."""
+    limits = {}
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions:
+        limits["max_position_embeddings"] = int(positions)
+    if tokenizer.model_max_length < NO_LIMIT:
+        limits["tokenizer model_max_length"] = int(tokenizer.model_max_length)
+    return limits
+
+
+def check_max_length(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> None:
+    """`data.max_length` within what the model takes: beyond its position table the first long batch dies in the
+    embeddings ("The size of tensor a (162) must match the size of tensor b (128)"), steps into the run."""
+    config = AutoConfig.from_pretrained(recipe.model.name_or_path, trust_remote_code=recipe.model.trust_remote_code)
+    limits = sequence_limits(config, tokenizer)
+    if limits and recipe.data.max_length > min(limits.values()):
+        listed = ", ".join(f"{name} {value}" for name, value in limits.items())
+        raise ModelError(f"data.max_length {recipe.data.max_length} is longer than the model takes "
+                         f"({recipe.model.name_or_path}: {listed}); set data.max_length to {min(limits.values())} or less")
 
 
 def load_tokenizer(model: ModelSection) -> PreTrainedTokenizerBase:

@@ -44,6 +44,7 @@ from launcher.data import (
     DataError,
     LabelSpace,
     check_dataset_columns,
+    check_labels_present,
     check_texts,
     load_file as load_data_file,
     load_splits,
@@ -146,6 +147,8 @@ def load_predictor(path: Path, overrides: list[str]) -> Predictor:
         task.labels = training_labels(recipe, task)
         model = load_trained(source, recipe, task)
     task.labels = LabelSpace([model.config.id2label[i] for i in range(model.config.num_labels)])
+    if recipe.training.class_weights is not None:
+        task.class_weights = training_class_weights(recipe_for(source, []), task)
     device = torch.device(detect_device().type)
     print(f"predict: {source.kind} {source.folder} ({recipe.task.problem_type}, {len(task.labels.names)} output(s) "
           f"{task.labels.names[:8]}{' ...' if len(task.labels.names) > 8 else ''}) on {device}")
@@ -159,6 +162,24 @@ def training_labels(recipe: Recipe, task: SequenceClassification) -> LabelSpace:
         return task.resolve_labels(load_splits(recipe.data, task.columns(recipe)))
     except DataError as err:
         raise PredictError(f"the class names come from the run's training data, which cannot be read here: {err}") from err
+
+
+def training_class_weights(run_recipe: Recipe, task: SequenceClassification) -> Optional[torch.Tensor]:
+    """The loss weights the run trained and evaluated with (`training.class_weights`), worked out again from the
+    run's training rows as training did (`balanced` depends on them), read with the run's own recipe: overrides
+    given for the input do not apply to its files. Recomputed rather than recorded: the weights are a function of
+    the recipe and its data, which the run directory keeps, and a model folder copied away from its run has no
+    recipe to weigh by."""
+    run_task = build_task(run_recipe, task.tokenizer)
+    run_task.labels = task.labels
+    try:
+        splits = load_splits(run_recipe.data, run_task.columns(run_recipe))
+        train = splits.train
+        encoded = run_task.label_encoder()(train.to_dict(), list(range(len(train))), splits.train_origin)
+    except DataError as err:
+        raise PredictError(f"training.class_weights come from the run's training data, which cannot be read here: {err}") from err
+    run_task.set_class_weights(datasets.Dataset.from_dict({"labels": encoded}))
+    return run_task.class_weights
 
 
 def load_trained(source: Source, recipe: Recipe, task: SequenceClassification) -> torch.nn.Module:
@@ -199,6 +220,8 @@ def read_input(path: str, recipe: Recipe, evaluate: bool, task: SequenceClassifi
     texts = [data.text_field] + ([data.text_pair_field] if data.text_pair_field else [])
     check_dataset_columns(dataset, path, task.columns(recipe) if evaluate else texts)
     check_texts(dataset.to_dict(), texts, list(range(len(dataset))), path)
+    if evaluate and not data.label_columns:
+        check_labels_present(dataset, path, data.label_field)
     return dataset
 
 
@@ -270,6 +293,13 @@ def write_text(text: str, path: Path) -> None:
         temporary.write_text(text, encoding="utf-8")
 
 
+def positive_int(text: str) -> int:
+    value = int(text) if text.strip().lstrip("+").isdigit() else 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Predict with a trained classifier, or evaluate it on a labelled file.")
     parser.add_argument("source", help="run directory, exported model folder, LoRA adapter folder or checkpoint folder")
@@ -280,7 +310,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--evaluate", action="store_true",
                         help="the input is labelled: print and write the recipe's metrics and the per-class table "
                              "(to OUTPUT's name with .metrics.json)")
-    parser.add_argument("--batch-size", type=int, default=32, help="rows per forward pass (default 32)")
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="rows per forward pass (default 32)")
     return parser.parse_intermixed_args(argv)
 
 

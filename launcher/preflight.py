@@ -11,7 +11,7 @@ from launcher.data import DataError, load_splits
 from launcher.devices import DeviceInfo, precision_note, supports
 from launcher.distributed import nonfinite_policy_problem
 from launcher.memory_plan import MemoryPlanError, Topology, describe_memory, estimate_memory, fits, measure_model
-from launcher.modeling import check_lora_architecture, load_tokenizer
+from launcher.modeling import ModelError, check_lora_architecture, check_max_length, load_tokenizer
 from launcher.optimization import steps_per_epoch, total_optimizer_steps, warmup_steps
 from launcher.packing import check_packing
 from launcher.recipe import Recipe
@@ -86,6 +86,8 @@ def check_recipe(recipe: Recipe, topology: Topology, device: DeviceInfo) -> tupl
     problems += check_model_source(recipe.model.name_or_path)
     try:
         check_data(recipe, plan)
+    except ModelError as err:
+        problems.append(str(err))
     except DataError as err:
         if recipe.data.train_file is not None:
             problems.append(str(err))
@@ -126,6 +128,7 @@ def check_data(recipe: Recipe, plan: RunPlan) -> None:
         splits = load_splits(recipe.data, task_class(recipe).columns(recipe))
         plan.notes.append(f"rows not tokenized here: tokenizer not loadable ({str(err).splitlines()[0][:120]})")
     else:
+        check_max_length(recipe, tokenizer)
         task = build_task(recipe, tokenizer)
         splits = task.prepare_data(load_splits(recipe.data, task.columns(recipe)))
         plan.notes += task.notes

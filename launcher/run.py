@@ -34,7 +34,7 @@ from launcher.distributed import LaunchError, build_accelerator, optimizer_step_
 from launcher.host_memory import keep_freed_host_memory
 from launcher.library_messages import name_deepspeed_accelerator
 from launcher.memory_plan import Topology, load_topology
-from launcher.modeling import count_parameters, export_model, load_model, load_tokenizer
+from launcher.modeling import ModelError, check_max_length, count_parameters, export_model, load_model, load_tokenizer
 from launcher.optimization import build_optimizer, build_scheduler, total_optimizer_steps, warmup_steps
 from launcher.preflight import RunPlan, check_recipe
 from launcher.recipe import Recipe
@@ -50,8 +50,8 @@ from launcher.stopping import EXIT_STOPPED_FOR_RESUME, StopRequest
 from launcher.tasks import build_task
 from launcher.training import CollectiveError, NonFiniteLossError, Trainer
 
-USER_ERRORS = (RecipeError, DataError, PrecisionError, LaunchError, RunDirectoryError, CheckpointError, NonFiniteLossError,
-               CollectiveError)
+USER_ERRORS = (RecipeError, DataError, ModelError, PrecisionError, LaunchError, RunDirectoryError, CheckpointError,
+               NonFiniteLossError, CollectiveError)
 
 
 @dataclass
@@ -119,6 +119,7 @@ def setup(recipe: Recipe) -> Session:
     set_seed(recipe.training.seed)
 
     tokenizer = load_tokenizer(recipe.model)
+    check_max_length(recipe, tokenizer)
     task = build_task(recipe, tokenizer)
     with accelerator.main_process_first():
         tokenized = task.prepare_data(load_splits(recipe.data, task.columns(recipe)))

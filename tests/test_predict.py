@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from builders import rating_rows, topic_rows, write_csv, write_jsonl
+from builders import rating_rows, sentiment_rows, topic_rows, write_csv, write_jsonl
 from conftest import REPO, run_in_process, tiny_recipe, write_recipe
 from launcher.recipe_loader import load_recipe
 from launcher.predict import main as predict, written_atomically
@@ -34,6 +34,9 @@ def runs(tmp_path_factory, assets) -> dict[str, Path]:
               "eval_file": str(write_jsonl(root / "topics_eval.jsonl", topic_rows(24, seed=41))), "label_field": "topics"}
     ratings = {"train_file": str(write_csv(root / "ratings_train.csv", rating_rows(64, seed=42))),
                "eval_file": str(write_csv(root / "ratings_eval.csv", rating_rows(24, seed=43))), "label_field": "score"}
+    skewed = {"train_file": str(write_csv(root / "skewed_train.csv", skewed_rows(96, seed=44))),
+              "eval_file": str(write_csv(root / "skewed_eval.csv", skewed_rows(48, seed=45)))}
+    balanced = {"epochs": 1, "class_weights": "balanced"}
     return {
         "single": train(root, assets, "single", training={"epochs": 2}),
         "lora": train(root, assets, "lora", model="llama", lora={"enabled": True, "r": 4}, training={"epochs": 1}),
@@ -41,7 +44,15 @@ def runs(tmp_path_factory, assets) -> dict[str, Path]:
                        evaluation={"metrics": ["f1_micro", "exact_match"]}, training={"epochs": 1}),
         "regression": train(root, assets, "regression", data=ratings, task={"problem_type": "regression", "num_labels": None},
                             evaluation={"metrics": ["pearson", "mse"]}, training={"epochs": 1}),
+        "weighted": train(root, assets, "weighted", data=skewed, training=balanced),
+        "weighted_multi": train(root, assets, "weighted_multi", data=topics, task={"problem_type": "multi_label", "num_labels": 3},
+                                evaluation={"metrics": ["f1_micro"]}, training=balanced),
     }
+
+
+def skewed_rows(n: int, seed: int) -> list[dict]:
+    """Sentiment rows with about three negative reviews to a positive one."""
+    return [row for i, row in enumerate(sentiment_rows(n, seed)) if row["label"] == 0 or i % 3 == 0]
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -74,6 +85,30 @@ def test_evaluate_reproduces_the_runs_own_final_evaluation(runs, assets, tmp_pat
     printed = capsys.readouterr().out
     assert "evaluation of 32 rows" in printed and "true \\ predicted" in printed
     assert len(output.read_text().splitlines()) == 32 and "predicted_label" in json.loads(output.read_text().splitlines()[0])
+
+
+@pytest.mark.parametrize("name", ["weighted", "weighted_multi"])
+def test_evaluate_weighs_the_loss_as_the_run_did(runs, tmp_path, name):
+    """`training.class_weights: balanced` (single_label class weights, multi_label BCE pos_weight), worked out from
+    the run's training set: the exported model and the last checkpoint report the run's own final eval loss
+    (--evaluate used to leave the weights out: 0.6976 against the run's 1.2261 in the review)."""
+    run = runs[name]
+    eval_file = load_recipe(run / "recipe.resolved.yaml").data.eval_file
+    final = read_run_summary(run)["final_eval"]["loss"]
+    for source in (run, sorted((run / "checkpoints").iterdir())[-1]):
+        assert predict([str(source), "--input", eval_file, "--output", str(tmp_path / "p.csv"), "--evaluate"]) == 0
+        assert json.loads((tmp_path / "p.metrics.json").read_text())["loss"] == pytest.approx(final, abs=1e-5), source
+
+
+def test_overrides_for_the_input_leave_the_runs_training_rows_alone(runs, tmp_path):
+    """The weights come from the training rows read with the run's recipe: `data.label_field=sentiment` names the
+    input file's column, not the training file's."""
+    eval_file = Path(load_recipe(runs["weighted"] / "recipe.resolved.yaml").data.eval_file)
+    inputs = write_csv(tmp_path / "renamed.csv", [{"review": row["text"], "sentiment": row["label"]} for row in read_csv(eval_file)])
+    assert predict([str(runs["weighted"]), "--input", str(inputs), "--output", str(tmp_path / "p.csv"), "--evaluate",
+                    "data.text_field=review", "data.label_field=sentiment"]) == 0
+    metrics = json.loads((tmp_path / "p.metrics.json").read_text())
+    assert metrics["loss"] == pytest.approx(read_run_summary(runs["weighted"])["final_eval"]["loss"], abs=1e-5)
 
 
 def assert_predictions_agree(checkpoint: Path, model: Path, inputs: Path, folder: Path, tolerance: float = 1e-6) -> None:
@@ -147,6 +182,8 @@ def test_regression_predictions_and_evaluation(runs, tmp_path):
     ([{"text": "good film"}, {"text": ""}], [], r"column 'text' is empty or not text in row\(s\) \[1\]"),
     ([{"text": "good film", "label": 0}, {"text": "bad", "label": 7}], ["--evaluate"], r"has labels \[7\] in row\(s\) \[1\]"),
     ([{"text": "good film"}], ["--evaluate"], r"missing column\(s\) \['label'\]"),
+    ([{"text": "good film", "label": 0}, {"text": "bad", "label": ""}, {"text": "fine", "label": 1}], ["--evaluate"],
+     r"column 'label' is blank in row\(s\) \[1\]; every example needs a label"),
 ])
 def test_bad_input_is_named_and_leaves_the_old_output_alone(runs, tmp_path, capsys, rows, flags, message):
     inputs = write_csv(tmp_path / "in.csv", rows)
@@ -176,3 +213,20 @@ def test_text_column_override_and_cli(runs, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "predictions: 2 rows" in result.stdout and "predicting" in result.stderr  # the progress bar
     assert [row["review"] for row in read_csv(tmp_path / "o.csv")] == ["good great film", "bad awful"]
+
+
+def test_input_that_is_not_utf8_is_named(runs, tmp_path, capsys):
+    inputs = tmp_path / "in.jsonl"
+    inputs.write_bytes('{"text": "good film"}\n{"text": "très bon film"}\n'.encode("latin-1"))
+    assert predict([str(runs["single"]), "--input", str(inputs), "--output", str(tmp_path / "o.csv")]) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert errors == [f"error: {inputs}: not UTF-8 text (line 2: byte 0xe8); re-encode it as UTF-8"]
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "two"])
+def test_batch_size_must_be_a_positive_integer(tmp_path, capsys, value):
+    """`--batch-size 0` used to end in a traceback (range() arg 3 must not be zero)."""
+    with pytest.raises(SystemExit) as exit_info:
+        predict([str(tmp_path), "--input", "in.csv", "--batch-size", value])
+    assert exit_info.value.code == 2
+    assert f"argument --batch-size: must be a positive integer, got {value!r}" in capsys.readouterr().err
