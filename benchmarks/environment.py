@@ -10,7 +10,7 @@ from typing import Any, Optional
 import psutil
 import torch
 
-from launcher.devices import DeviceInfo
+from launcher.distributed.devices import DeviceInfo
 
 LIBRARIES = ("torch", "transformers", "accelerate", "datasets", "peft", "torch_npu")
 # Settings inherited by every run that change its speed without appearing on its command line.

@@ -23,7 +23,7 @@ import torch
 
 from benchmarks.environment import describe_machine, library_version
 from benchmarks.measure import spread
-from launcher.devices import detect_device
+from launcher.distributed.devices import detect_device
 
 HYPER = {"lr": 1e-4, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.01}
 

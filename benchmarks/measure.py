@@ -9,7 +9,7 @@ from __future__ import annotations
 import statistics
 from typing import Any, Optional, Sequence
 
-from launcher.flops import PeakFlops, TransformerShape, model_flops_utilization, training_flops
+from benchmarks.flops import PeakFlops, TransformerShape, model_flops_utilization, training_flops
 
 
 class MeasureError(ValueError):

@@ -33,12 +33,12 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase, TrainingArguments
 
 from benchmarks.tutorial_baselines import CountingCollator, StepClock, baseline_main, training_arguments
-from launcher.data import load_splits
-from launcher.devices import detect_device, peak_allocated_bytes
-from launcher.modeling import load_model, load_tokenizer
-from launcher.recipe import Recipe
-from launcher.tasks.causal_lm import CausalLanguageModeling
-from launcher.tasks.sft_text import IGNORE
+from launcher.data.sources import load_splits
+from launcher.distributed.devices import detect_device, peak_allocated_bytes
+from launcher.model.loading import load_model, load_tokenizer
+from launcher.recipe.schema import Recipe
+from launcher.tasks.causal_lm.rendering import IGNORE
+from launcher.tasks.causal_lm.task import CausalLanguageModeling
 
 if TYPE_CHECKING:
     from trl import SFTConfig, SFTTrainer

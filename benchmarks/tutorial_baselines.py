@@ -39,15 +39,15 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from launcher.data import Splits, load_splits
-from launcher.devices import detect_device, peak_allocated_bytes
-from launcher.metrics import compute_metrics
-from launcher.modeling import load_model, load_tokenizer
-from launcher.optimization import warmup_steps
-from launcher.recipe import Recipe
-from launcher.recipe_loader import load_recipe
-from launcher.reporting import METRICS_LOG
-from launcher.tasks.classification import SequenceClassification
+from launcher.data.sources import Splits, load_splits
+from launcher.distributed.devices import detect_device, peak_allocated_bytes
+from launcher.model.loading import load_model, load_tokenizer
+from launcher.recipe.loading import load_recipe
+from launcher.recipe.schema import Recipe
+from launcher.tasks.metrics import compute_metrics
+from launcher.tasks.sequence_classification.single_label import SequenceClassification
+from launcher.train.optimization import warmup_steps
+from launcher.train.reporting import METRICS_LOG
 
 TUTORIAL_MAX_LENGTH = 322  # the Yelp tutorials' `model_max_length`
 WAYS = ("max_length", "dynamic")

@@ -59,8 +59,8 @@ def convert_llm(root: Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from launcher.devices import detect_device
-    from launcher.library_messages import name_deepspeed_accelerator
+    from launcher.distributed.devices import detect_device
+    from launcher.distributed.library_messages import name_deepspeed_accelerator
 
     name_deepspeed_accelerator(detect_device())  # save_pretrained imports deepspeed, which warns on a CPU host
     source = package_folder(LLM_PACKAGE)

@@ -38,29 +38,20 @@ from tqdm.auto import tqdm
 from accelerate.utils import merge_fsdp_weights
 from transformers import AutoConfig, DataCollatorWithPadding
 
-from launcher.checkpointing import CHECKPOINTS, MANIFEST, sealed_checkpoints
-from launcher.data import (
-    FILE_BUILDERS,
-    DataError,
-    LabelSpace,
-    check_dataset_columns,
-    check_labels_present,
-    check_texts,
-    load_file as load_data_file,
-    load_splits,
-)
-from launcher.devices import detect_device
-from launcher.library_messages import name_deepspeed_accelerator
-from launcher.metrics import per_class_table
-from launcher.modeling import load_model, load_tokenizer
-from launcher.recipe import LoraSection, Recipe
-from launcher.recipe_loader import RecipeError, build_recipe, load_raw
-from launcher.run_directory import RESOLVED_RECIPE
-from launcher.tasks import build_task
-from launcher.tasks.classification import SequenceClassification, model_inputs
+from launcher.data.labels import LabelSpace, check_labels_present
+from launcher.data.sources import FILE_BUILDERS, DataError, check_dataset_columns, load_file as load_data_file, load_splits
+from launcher.distributed.devices import detect_device
+from launcher.distributed.library_messages import name_deepspeed_accelerator
+from launcher.model.loading import load_model, load_tokenizer
+from launcher.recipe.loading import RecipeError, build_recipe, load_raw
+from launcher.recipe.schema import LoraSection, Recipe
+from launcher.tasks import build_task, exported_task_section, task_class
+from launcher.tasks.metrics import per_class_table
+from launcher.tasks.sequence_classification.single_label import SequenceClassification, model_inputs
+from launcher.tasks.sequence_classification.tokenization import check_texts
+from launcher.train.checkpoints import CHECKPOINTS, MANIFEST, sealed_checkpoints
+from launcher.train.run_directory import RESOLVED_RECIPE
 
-PROBLEM_TYPE_OF_CONFIG = {"single_label_classification": "single_label", "multi_label_classification": "multi_label",
-                          "regression": "regression"}
 # What Accelerate's save_state writes for the model: one file, or DeepSpeed's / FSDP's folder of shards.
 CHECKPOINT_WEIGHTS = "model.safetensors"
 DEEPSPEED_TAG = "pytorch_model"
@@ -123,14 +114,12 @@ def recipe_for(source: Source, overrides: list[str]) -> Recipe:
         raw = load_raw(source.recipe_file)
     else:
         config = AutoConfig.from_pretrained(source.folder)
-        problem_type = PROBLEM_TYPE_OF_CONFIG.get(config.problem_type or "", "single_label")
         raw = {"model": {"name_or_path": str(source.folder)}, "data": {"train_file": "unused.csv"},
-               "task": {"problem_type": problem_type, **({} if problem_type == "regression" else {"num_labels": config.num_labels})},
-               "output": {"dir": str(source.folder)}}
+               "task": exported_task_section(config), "output": {"dir": str(source.folder)}}
     if source.kind == "model":
         raw["model"]["name_or_path"] = str(source.folder)  # the trained weights, not the run's starting point
     recipe = build_recipe(raw, overrides, str(source.recipe_file or source.folder))
-    if recipe.task.type != "sequence_classification":
+    if not task_class(recipe).serves_predictions:
         raise PredictError(f"{source.folder}: launcher.predict serves classification and regression models; a causal_lm "
                            "model generates text (AutoModelForCausalLM.generate)")
     return recipe

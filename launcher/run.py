@@ -26,29 +26,30 @@ from typing import Optional
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from launcher.checkpointing import CheckpointError, Checkpointer, TrainPosition
-from launcher.curves import write_curves
-from launcher.data import DataError, build_dataloaders, load_splits
-from launcher.devices import PrecisionError, detect_device, precision_note, resolve_precision
-from launcher.distributed import LaunchError, build_accelerator, optimizer_step_device
-from launcher.host_memory import keep_freed_host_memory
-from launcher.library_messages import name_deepspeed_accelerator
-from launcher.memory_plan import Topology, load_topology
-from launcher.modeling import ModelError, check_max_length, count_parameters, export_model, load_model, load_tokenizer
-from launcher.optimization import build_optimizer, build_scheduler, total_optimizer_steps, warmup_steps
-from launcher.preflight import RunPlan, check_recipe
-from launcher.recipe import Recipe
-from launcher.recipe_loader import RecipeError, load_recipe
-from launcher.run_directory import (
+from launcher.data.loaders import build_dataloaders
+from launcher.data.sources import DataError, load_splits
+from launcher.distributed.accelerator import LaunchError, build_accelerator, optimizer_step_device
+from launcher.distributed.devices import PrecisionError, detect_device, precision_note, resolve_precision
+from launcher.distributed.host_memory import keep_freed_host_memory
+from launcher.distributed.library_messages import name_deepspeed_accelerator
+from launcher.model.loading import ModelError, check_max_length, count_parameters, export_model, load_model, load_tokenizer
+from launcher.plan.memory import Topology, load_topology
+from launcher.plan.preflight import RunPlan, check_recipe
+from launcher.recipe.loading import RecipeError, load_recipe
+from launcher.recipe.schema import Recipe
+from launcher.tasks import build_task
+from launcher.train.checkpoints import CheckpointError, Checkpointer, TrainPosition
+from launcher.train.curves import write_curves
+from launcher.train.loop import CollectiveError, NonFiniteLossError, TrainingLoop
+from launcher.train.optimization import build_optimizer, build_scheduler, total_optimizer_steps, warmup_steps
+from launcher.train.run_directory import (
     RunDirectoryError,
     check_run_directory,
     prepare_run_directory,
     recipe_sha256,
     write_run_summary,
 )
-from launcher.stopping import EXIT_STOPPED_FOR_RESUME, StopRequest
-from launcher.tasks import build_task
-from launcher.training import CollectiveError, NonFiniteLossError, Trainer
+from launcher.train.stopping import EXIT_STOPPED_FOR_RESUME, StopRequest
 
 USER_ERRORS = (RecipeError, DataError, ModelError, PrecisionError, LaunchError, RunDirectoryError, CheckpointError,
                NonFiniteLossError, CollectiveError)
@@ -58,7 +59,7 @@ USER_ERRORS = (RecipeError, DataError, ModelError, PrecisionError, LaunchError, 
 class Session:
     recipe: Recipe
     accelerator: Accelerator
-    trainer: Trainer
+    trainer: TrainingLoop
     tokenizer: object
     started: float
 
@@ -159,7 +160,7 @@ def setup(recipe: Recipe) -> Session:
     if accelerator.is_main_process:  # accelerator.print prints once per node: a multi-node log would repeat the plan
         print(plan.describe())
 
-    trainer = Trainer(recipe, accelerator, task, model, optimizer, scheduler, train_loader, eval_loader,
+    trainer = TrainingLoop(recipe, accelerator, task, model, optimizer, scheduler, train_loader, eval_loader,
                       checkpointer, position, total_steps, stop_request)
     return Session(recipe, accelerator, trainer, tokenizer, started)
 

@@ -20,10 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from launcher.recipe import Recipe
-from launcher.recipe_loader import RecipeError, load_recipe
-from launcher.run_directory import RunDirectoryError, check_run_directory, recipe_yaml
-from launcher.slurm import (
+from launcher.cluster.slurm import (
     SLURM_FILES,
     BatchJob,
     Resources,
@@ -33,7 +30,10 @@ from launcher.slurm import (
     sbatch,
     time_limit_seconds,
 )
+from launcher.recipe.loading import RecipeError, load_recipe
+from launcher.recipe.schema import Recipe
 from launcher.sweep import SweepError, SweepTask, expand, write_manifest
+from launcher.train.run_directory import RunDirectoryError, check_run_directory, recipe_yaml
 
 DEFAULT_ACCELERATE_CONFIG = {"gpu": "accelerate_configs/multi_node.yaml", "npu": "accelerate_configs/npu_ddp.yaml",
                              "cpu": "accelerate_configs/multi_node.yaml"}  # CPU processes: torchrun, gloo

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from launcher.reporting import METRICS_LOG, read_metrics_log
-from launcher.run_directory import read_run_summary
-from launcher.slurm import SLURM_FILES
+from launcher.cluster.slurm import SLURM_FILES
+from launcher.train.reporting import METRICS_LOG, read_metrics_log
+from launcher.train.run_directory import read_run_summary
 
 SWEEP_MANIFEST = "sweep.json"
 UNSAFE_PATH_CHARACTERS = re.compile(r"[^A-Za-z0-9._=+-]")

@@ -84,9 +84,9 @@ def eval_loss_of(model: torch.nn.Module, run_dir: Path) -> float:
     """Mean eval cross-entropy of `model` on the run's eval set, tokenized as the run did."""
     from transformers import AutoTokenizer, DataCollatorWithPadding
 
-    from launcher.data import load_splits
+    from launcher.data.sources import load_splits
     from launcher.tasks import build_task
-    from launcher.recipe_loader import load_recipe
+    from launcher.recipe.loading import load_recipe
 
     recipe = load_recipe(run_dir / "recipe.resolved.yaml")
     tokenizer = AutoTokenizer.from_pretrained(recipe.model.name_or_path)

@@ -31,9 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from launcher import checkpointing, training  # noqa: E402
-from launcher.reporting import read_metrics_log  # noqa: E402
+from launcher.train import checkpoints, loop  # noqa: E402
 from launcher.run import main  # noqa: E402
+from launcher.train.reporting import read_metrics_log  # noqa: E402
 
 HARNESS = Path(__file__).resolve()
 REPO = HARNESS.parent.parent
@@ -57,7 +57,7 @@ def patches(fault: str, step: int) -> list[tuple[object, str, object]]:
     if fault == "none":
         return []
     if fault in ("kill", "sigterm", "sigusr1", "hang"):
-        after_step = training.Trainer.after_step
+        after_step = loop.TrainingLoop.after_step
         action = {
             "kill": lambda: os.kill(os.getpid(), signal.SIGKILL),
             "sigterm": lambda: os.kill(os.getpid(), signal.SIGTERM),
@@ -70,25 +70,25 @@ def patches(fault: str, step: int) -> list[tuple[object, str, object]]:
             if self.position.optimizer_step == step:
                 action()
 
-        return [(training.Trainer, "after_step", faulty_after_step)]
+        return [(loop.TrainingLoop, "after_step", faulty_after_step)]
     if fault == "kill_saving":
-        seal = checkpointing.Checkpointer.seal
+        seal = checkpoints.Checkpointer.seal
 
         def faulty_seal(self, staging, position):
             seal(self, staging, position)
             if position.optimizer_step == step:
                 os.kill(os.getpid(), signal.SIGKILL)
 
-        return [(checkpointing.Checkpointer, "seal", faulty_seal)]
+        return [(checkpoints.Checkpointer, "seal", faulty_seal)]
     if fault == "fill_disk":
-        save = checkpointing.Checkpointer.save
+        save = checkpoints.Checkpointer.save
 
         def save_on_full_disk(self, position):
             if position.optimizer_step == step:
                 fill_file_system(self.root.parent)
             return save(self, position)
 
-        return [(checkpointing.Checkpointer, "save", save_on_full_disk)]
+        return [(checkpoints.Checkpointer, "save", save_on_full_disk)]
     raise SystemExit(f"unknown fault {fault!r}")
 
 

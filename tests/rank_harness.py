@@ -17,8 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from launcher import stopping  # noqa: E402
-from launcher.recipe_loader import load_recipe  # noqa: E402
+from launcher.train import stopping  # noqa: E402
+from launcher.recipe.loading import load_recipe  # noqa: E402
 from launcher.run import main  # noqa: E402
 
 

@@ -19,12 +19,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from torch.distributed.tensor import DTensor  # noqa: E402
 
-from launcher import training  # noqa: E402
+from launcher.train import loop  # noqa: E402
 from launcher.run import main  # noqa: E402
 
 
 def record_shards() -> None:
-    train = training.Trainer.train
+    train = loop.TrainingLoop.train
 
     def reporting_train(self):
         parameters = list(self.model.parameters())
@@ -38,7 +38,7 @@ def record_shards() -> None:
         (folder / f"rank-{os.environ.get('RANK', '0')}.json").write_text(json.dumps(report))
         return train(self)
 
-    training.Trainer.train = reporting_train
+    loop.TrainingLoop.train = reporting_train
 
 
 if __name__ == "__main__":

@@ -18,8 +18,8 @@ from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu
 from deepspeed.runtime.config import DeepSpeedConfig
 
 from conftest import REPO
-from launcher.distributed import recipe_owned_deepspeed_values, reconcile_deepspeed_config
-from launcher.recipe_loader import load_recipe
+from launcher.distributed.accelerator import recipe_owned_deepspeed_values, reconcile_deepspeed_config
+from launcher.recipe.loading import load_recipe
 
 CONFIGS = REPO / "accelerate_configs"
 CONFIG_FILES = sorted(CONFIGS.glob("*.yaml"))

@@ -13,7 +13,7 @@ from transformers import AutoTokenizer, BertConfig, T5Config
 
 from builders import FILLER, sentiment_rows, write_csv
 from conftest import run_in_process, tiny_recipe, write_recipe
-from launcher.modeling import sequence_limits
+from launcher.model.loading import sequence_limits
 
 
 def run_with(assets, tmp_path, capsys, train_file, **data) -> str:

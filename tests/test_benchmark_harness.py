@@ -20,8 +20,8 @@ from benchmarks.accuracy_table import accuracy_table  # noqa: E402
 from benchmarks.accuracy_table import main as accuracy_table_main  # noqa: E402
 from benchmarks.compare import main as compare_main  # noqa: E402
 from benchmarks.measure import MeasureError, measure_run, ratios, summarize_repeats  # noqa: E402
-from launcher.flops import TransformerShape  # noqa: E402
-from launcher.reporting import read_metrics_log  # noqa: E402
+from benchmarks.flops import TransformerShape  # noqa: E402
+from launcher.train.reporting import read_metrics_log  # noqa: E402
 
 SHAPE = TransformerShape(non_embedding_params=1000, layers=2, heads=2, head_dim=16)
 LOG = [
@@ -134,7 +134,7 @@ def test_compare_runs_baselines_and_launcher_and_writes_consistent_results(asset
 
 def long_text_recipe(assets, tmp_path, model="bert"):
     """News-article-like texts: every one is longer than the recipe's `data.max_length` of 16."""
-    from launcher.recipe_loader import load_recipe
+    from launcher.recipe.loading import load_recipe
 
     rows = sentiment_rows(32, seed=4)
     for row in rows:
@@ -202,8 +202,8 @@ def test_launcher_loop_trains_exactly_like_the_transformers_trainer_given_the_sa
     import launcher.run
     from transformers import Trainer
 
-    from launcher.data import EpochShuffleSampler
-    from launcher.recipe_loader import load_recipe
+    from launcher.data.sampling import EpochShuffleSampler
+    from launcher.recipe.loading import load_recipe
 
     monkeypatch.setattr(launcher.run, "load_model", reseeding_dropout(launcher.run.load_model))
     recipe_path = write_recipe(tmp_path / "tiny.yaml", tiny_recipe(assets, tmp_path / "launcher", training={"epochs": 1}))

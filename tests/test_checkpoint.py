@@ -15,8 +15,8 @@ import torch
 
 from conftest import run_in_process, tiny_recipe, write_recipe
 from faults import patches, restore_signal_handlers, run_faulty, train_records  # noqa: F401 (restore_signal_handlers is a fixture)
-from launcher.checkpointing import MANIFEST, CheckpointError, capture_rng, restore_rng
-from launcher.stopping import EXIT_STOPPED_FOR_RESUME
+from launcher.train.checkpoints import MANIFEST, CheckpointError, capture_rng, restore_rng
+from launcher.train.stopping import EXIT_STOPPED_FOR_RESUME
 
 
 def recipe_at(assets, folder, **output):

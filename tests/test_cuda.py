@@ -34,11 +34,11 @@ from conftest import REPO, run_in_process, tiny_recipe, write_recipe  # noqa: E4
 from faults import faulty_command, final_weights, train_records  # noqa: E402
 # start_model: the dropout-free tiny BERT saved with its head (ZeRO-3 cannot initialise a missing head).
 from test_distributed_runs import free_port, start_model  # noqa: E402, F401  (start_model is a fixture)
-from launcher.data import load_splits  # noqa: E402
-from launcher.recipe_loader import load_recipe  # noqa: E402
-from launcher.reporting import read_metrics_log  # noqa: E402
-from launcher.run_directory import read_run_summary  # noqa: E402
+from launcher.data.sources import load_splits# noqa: E402
+from launcher.recipe.loading import load_recipe  # noqa: E402
 from launcher.tasks import build_task  # noqa: E402
+from launcher.train.reporting import read_metrics_log  # noqa: E402
+from launcher.train.run_directory import read_run_summary  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SMOKE = os.environ.get("LAUNCHER_KIT_SMOKE") == "1"

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from launcher.curves import CURVES, draw_curves, new_figure, write_curves
+from launcher.train.curves import CURVES, draw_curves, new_figure, write_curves
 
 RECORDS = [
     {"kind": "train", "step": 1, "epoch": 0, "loss": 0.70, "lr": 1e-4, "samples": 8},

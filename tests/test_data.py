@@ -6,19 +6,14 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from launcher.data import (
-    DataError,
-    EpochShuffleSampler,
-    build_collator,
-    class_id_encoder,
-    build_dataloaders,
-    labelled_text_columns,
-    load_splits,
-    resolve_labels,
-    tokenize_splits,
-)
-from launcher.recipe import DataSection, Recipe
-from launcher.tasks.classification import SequenceClassification
+from launcher.data.labels import class_id_encoder, labelled_text_columns, resolve_labels
+from launcher.data.loaders import build_dataloaders
+from launcher.data.sampling import EpochShuffleSampler
+from launcher.data.sources import DataError, load_splits
+from launcher.recipe.schema import DataSection, Recipe
+from launcher.tasks.sequence_classification.batches import build_collator
+from launcher.tasks.sequence_classification.single_label import SequenceClassification
+from launcher.tasks.sequence_classification.tokenization import tokenize_splits
 from builders import sentiment_rows, write_csv
 
 

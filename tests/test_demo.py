@@ -8,7 +8,7 @@ import pytest
 
 from conftest import run_in_process
 from launcher.demo_assets import LABELS, link_model, write_splits
-from launcher.run_directory import read_run_summary
+from launcher.train.run_directory import read_run_summary
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -13,11 +13,11 @@ import tarfile
 import pytest
 
 from conftest import REPO, run_in_process, tiny_recipe, write_recipe
-from launcher.reporting import read_metrics_log
+from launcher.train.reporting import read_metrics_log
 
 sys.path.insert(0, str(REPO))  # benchmarks/ is a folder of the repository, not part of the installed package
 
-from benchmarks.device.deferred_sync import DeferredSyncTrainer  # noqa: E402
+from benchmarks.device.deferred_sync import DeferredSyncLoop  # noqa: E402
 from benchmarks.measure import lora_adjusted_flops_per_s  # noqa: E402
 
 # What the device tool returns: at most 8 files.
@@ -65,7 +65,7 @@ def test_deferred_sync_loop_trains_and_logs_exactly_like_the_launcher_loop(asset
     plain = write_recipe(tmp_path / "plain.yaml", {**recipe, "output": {**recipe["output"], "dir": str(tmp_path / "plain")}})
     assert run_in_process(plain) == 0
     monkeypatch.setenv("DEFERRED_SYNC_EVERY", "3")
-    monkeypatch.setattr(launcher.run, "Trainer", DeferredSyncTrainer)
+    monkeypatch.setattr(launcher.run, "TrainingLoop", DeferredSyncLoop)
     deferred = write_recipe(tmp_path / "deferred.yaml", {**recipe, "output": {**recipe["output"], "dir": str(tmp_path / "deferred")}})
     assert run_in_process(deferred) == 0
 

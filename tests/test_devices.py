@@ -22,10 +22,10 @@ from accelerate.state import PartialState
 from accelerate.utils import DistributedType, set_seed
 from accelerate.utils import imports as accelerate_imports
 
-from launcher.devices import (
+from launcher.distributed.accelerator import LaunchError, check_local_processes
+from launcher.distributed.devices import (
     PrecisionError, detect_device, native_bf16, peak_allocated_bytes, precision_note, resolve_precision, supports,
 )
-from launcher.distributed import LaunchError, check_local_processes
 
 
 class SimulatedNpuRuntime:

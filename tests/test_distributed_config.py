@@ -12,9 +12,9 @@ import yaml
 from accelerate.utils import DistributedType
 
 from conftest import REPO, tiny_recipe, write_recipe
-from launcher.distributed import DeepSpeedConfigError, optimizer_offloaded, optimizer_step_device, reconcile_deepspeed_config
-from launcher.optimization import build_optimizer
-from launcher.recipe import TrainingSection
+from launcher.distributed.accelerator import DeepSpeedConfigError, optimizer_offloaded, optimizer_step_device, reconcile_deepspeed_config
+from launcher.recipe.schema import TrainingSection
+from launcher.train.optimization import build_optimizer
 from test_distributed_runs import CPU_DEEPSPEED, launch
 
 TRAINING = TrainingSection(per_device_batch_size=4, gradient_accumulation_steps=3, max_grad_norm=0.5)

@@ -29,7 +29,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from conftest import REPO, eval_loss_of, run_cli, tiny_recipe, write_recipe
-from launcher.reporting import read_metrics_log
+from launcher.train.reporting import read_metrics_log
 
 pytestmark = pytest.mark.slow
 
@@ -149,12 +149,12 @@ def test_zero3_lora_exports_models_that_reproduce_the_training_evaluation(tmp_pa
 
 SHARD_PROBE = '''import os
 
-from launcher.data import LabelSpace
-from launcher.devices import detect_device
-from launcher.distributed import build_accelerator
-from launcher.modeling import load_model, load_tokenizer
-from launcher.recipe_loader import load_recipe
-from launcher.tasks.classification import SequenceClassification
+from launcher.data.labels import LabelSpace
+from launcher.distributed.accelerator import build_accelerator
+from launcher.distributed.devices import detect_device
+from launcher.model.loading import load_model, load_tokenizer
+from launcher.recipe.loading import load_recipe
+from launcher.tasks.sequence_classification.single_label import SequenceClassification
 
 recipe = load_recipe({recipe!r})
 accelerator = build_accelerator(recipe, "bf16", detect_device())

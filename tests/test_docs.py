@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from launcher.recipe_reference import BEGIN, END, render
+from launcher.recipe.reference import BEGIN, END, render
 
 REPO = Path(__file__).resolve().parent.parent
 README = (REPO / "README.md").read_text(encoding="utf-8")
@@ -10,7 +10,7 @@ README = (REPO / "README.md").read_text(encoding="utf-8")
 
 def test_readme_reference_matches_the_schema():
     start, stop = README.index(BEGIN), README.index(END) + len(END)
-    assert README[start:stop] == render(), "regenerate with: python -m launcher.recipe_reference"
+    assert README[start:stop] == render(), "regenerate with: python -m launcher.recipe.reference"
 
 
 def test_readme_names_only_files_that_exist():

@@ -11,9 +11,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from conftest import eval_loss_of, run_cli, run_in_process, tiny_recipe, write_recipe
-from launcher.devices import detect_device, native_bf16
-from launcher.reporting import read_metrics_log
-from launcher.run_directory import read_run_summary
+from launcher.distributed.devices import detect_device, native_bf16
+from launcher.train.reporting import read_metrics_log
+from launcher.train.run_directory import read_run_summary
 
 
 def train(tmp_path: Path, assets, name: str = "run", *overrides: str, model: str = "bert", **sections) -> Path:

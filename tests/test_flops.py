@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, BertConfig
 
-from launcher.flops import (
+from benchmarks.flops import (
     TransformerShape,
     count_non_embedding_parameters,
     model_flops_utilization,

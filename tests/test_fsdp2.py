@@ -1,5 +1,5 @@
 """FSDP2 executed: `accelerate launch --config_file accelerate_configs/fsdp2.yaml launcher/run.py` on 2 CPU
-processes over gloo (ACCELERATE_USE_CPU=true; launcher/fsdp.py completes the FSDP set-up Accelerate skips on
+processes over gloo (ACCELERATE_USE_CPU=true; launcher/distributed/fsdp.py completes the FSDP set-up Accelerate skips on
 CPU). Accelerate's own FSDP2 code runs: `fully_shard` per decoder layer, the full-state-dict gather at export,
 `save_state` / `load_state` of the sharded model and optimizer, LoRA inside the wrapped layers.
 
@@ -23,8 +23,8 @@ from builders import sentiment_rows, write_csv
 from conftest import REPO, eval_loss_of, run_cli, tiny_recipe, write_recipe
 from faults import assert_same_weights as assert_bit_identical
 from faults import final_weights, train_records
-from launcher.distributed import LaunchError, fsdp2_plugin_for_cpu
-from launcher.reporting import read_metrics_log
+from launcher.distributed.accelerator import LaunchError, fsdp2_plugin_for_cpu
+from launcher.train.reporting import read_metrics_log
 from test_predict import assert_predictions_agree
 from test_distributed_runs import TOLERANCE, assert_same_weights, free_port, train_losses
 

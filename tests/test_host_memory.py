@@ -10,12 +10,12 @@ import sys
 import pytest
 
 from conftest import run_cli, tiny_recipe, write_recipe
-from launcher.reporting import read_metrics_log
+from launcher.train.reporting import read_metrics_log
 
 # Allocate and free a gradient-sized block; print how much of it the process still holds (statm, pages).
 FREE_AND_MEASURE = """
 import os, sys, torch
-from launcher.host_memory import keep_freed_host_memory
+from launcher.distributed.host_memory import keep_freed_host_memory
 if sys.argv[1] == "keep":
     print(keep_freed_host_memory(), file=sys.stderr)
 page = os.sysconf("SC_PAGE_SIZE")

@@ -11,9 +11,9 @@ from safetensors.torch import load_file, save_file
 from transformers import BertConfig, BertForSequenceClassification
 
 from conftest import run_cli, tiny_recipe, write_recipe
-from launcher.data import load_splits
-from launcher.modeling import load_model, load_tokenizer
-from launcher.recipe_loader import load_recipe
+from launcher.data.sources import load_splits
+from launcher.model.loading import load_model, load_tokenizer
+from launcher.recipe.loading import load_recipe
 from launcher.tasks import build_task
 
 NEW_HEAD_NOTE = "new head: classifier.weight, classifier.bias initialised randomly (expected: it is what fine-tuning trains)"

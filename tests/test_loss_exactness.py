@@ -17,13 +17,13 @@ from conftest import run_in_process, tiny_recipe, write_recipe
 from faults import final_weights, train_records
 from test_distributed_runs import CPU_DDP, CPU_DEEPSPEED, launch, start_model  # noqa: F401 (start_model is a fixture)
 from test_sft import prepared, sft_recipe
-from launcher.checkpointing import CHECKPOINTS
-from launcher.data import load_splits
-from launcher.modeling import load_model, load_tokenizer
-from launcher.recipe import Recipe
+from launcher.data.sources import load_splits
+from launcher.model.loading import load_model, load_tokenizer
+from launcher.recipe.schema import Recipe
 from launcher.tasks import build_task
-from launcher.tasks.causal_lm import CausalLanguageModeling
-from launcher.tasks.sft_text import IGNORE
+from launcher.tasks.causal_lm.rendering import IGNORE
+from launcher.tasks.causal_lm.task import CausalLanguageModeling
+from launcher.train.checkpoints import CHECKPOINTS
 
 TOLERANCE = 1e-5
 COUNTED = torch.tensor([True, True, False, True, False, False])

@@ -8,7 +8,8 @@ from peft import TaskType
 from transformers import AutoModelForSequenceClassification
 
 from conftest import REPO
-from launcher.memory_plan import (
+from launcher.model.loading import apply_lora, count_parameters
+from launcher.plan.memory import (
     ModelSize,
     Topology,
     activation_bytes,
@@ -16,8 +17,7 @@ from launcher.memory_plan import (
     load_topology,
     measure_model,
 )
-from launcher.modeling import apply_lora, count_parameters
-from launcher.recipe_loader import load_recipe
+from launcher.recipe.loading import load_recipe
 from launcher.run import main
 
 LLAMA = str(REPO / "recipes" / "llama3_yelp.yaml")

@@ -5,7 +5,7 @@ their definitions (GLUE MRPC: accuracy = mean(pred == label), f1 = binary F1 of 
 import numpy as np
 import pytest
 
-from launcher.metrics import METRICS, compute_metrics, per_class_report, per_class_table, predicted_class_counts, write_confusion_png
+from launcher.tasks.metrics import METRICS, compute_metrics, per_class_report, per_class_table, predicted_class_counts, write_confusion_png
 
 REFS = np.array([0, 1, 1, 0, 1, 1, 0, 0])
 PREDS = np.array([0, 1, 0, 0, 1, 1, 1, 0])
@@ -51,7 +51,7 @@ def test_degenerate_cases_match_evaluate_defaults():
 def test_every_schema_metric_is_implemented():
     from typing import get_args
 
-    from launcher.recipe import MetricName
+    from launcher.recipe.schema import MetricName
 
     assert set(get_args(MetricName)) == set(METRICS)
 

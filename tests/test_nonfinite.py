@@ -16,9 +16,9 @@ from builders import FILLER, write_csv
 from conftest import REPO, run_in_process, tiny_recipe, write_recipe
 from faults import run_faulty, start_ranks, train_records
 from test_distributed_runs import CPU_DEEPSPEED, launch
-from launcher.checkpointing import CHECKPOINTS
-from launcher.reporting import METRICS_LOG
 from launcher.run import main
+from launcher.train.checkpoints import CHECKPOINTS
+from launcher.train.reporting import METRICS_LOG
 
 SKIP_REFUSED = "training.on_nonfinite_loss=skip cannot skip a step under DeepSpeed"
 

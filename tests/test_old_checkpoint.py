@@ -15,7 +15,7 @@ import pytest
 
 from conftest import run_in_process
 from faults import read_metrics_log, train_records
-from launcher.recipe_loader import load_recipe
+from launcher.recipe.loading import load_recipe
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "run_8c5351f"
 

@@ -8,13 +8,15 @@ import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, DataCollatorWithPadding
 
 from conftest import eval_loss_of, run_in_process, tiny_recipe, write_recipe
-from launcher.data import PackedCollator, example_token_ids, load_splits
-from launcher.modeling import load_model, load_tokenizer
-from launcher.tasks.classification import SequenceClassification
-from launcher.packing import PACKED_ARCHITECTURES, enable_packed_batches
-from launcher.recipe import Recipe
-from launcher.reporting import read_metrics_log
-from launcher.run_directory import read_run_summary
+from launcher.data.batches import example_token_ids
+from launcher.data.sources import load_splits
+from launcher.model.loading import load_model, load_tokenizer
+from launcher.recipe.schema import Recipe
+from launcher.tasks.sequence_classification.batches import PackedCollator
+from launcher.tasks.sequence_classification.packing import PACKED_ARCHITECTURES, enable_packed_batches
+from launcher.tasks.sequence_classification.single_label import SequenceClassification
+from launcher.train.reporting import read_metrics_log
+from launcher.train.run_directory import read_run_summary
 
 
 def test_collator_joins_examples_and_restarts_positions():

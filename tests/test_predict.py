@@ -16,9 +16,9 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from builders import rating_rows, sentiment_rows, topic_rows, write_csv, write_jsonl
 from conftest import REPO, run_in_process, tiny_recipe, write_recipe
-from launcher.recipe_loader import load_recipe
 from launcher.predict import main as predict, written_atomically
-from launcher.run_directory import read_run_summary
+from launcher.recipe.loading import load_recipe
+from launcher.train.run_directory import read_run_summary
 
 
 def train(root: Path, assets, name: str, **sections) -> Path:

@@ -14,14 +14,14 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from builders import FILLER, NEGATIVE, POSITIVE, TOPICS, sentiment_rows, rating_rows, topic_rows, write_csv, write_jsonl
 from conftest import REPO, eval_loss_of, run_in_process, tiny_recipe, write_recipe
-from launcher.data import DataError, load_splits
-from launcher.metrics import METRICS
-from launcher.recipe_loader import RecipeError, load_recipe
-from launcher.reporting import read_metrics_log
-from launcher.run_directory import read_run_summary
+from launcher.data.sources import DataError, load_splits
+from launcher.recipe.loading import RecipeError, load_recipe
 from launcher.tasks import build_task
-from launcher.tasks.multi_label import MultiLabelClassification
-from launcher.tasks.regression import Regression
+from launcher.tasks.metrics import METRICS
+from launcher.tasks.sequence_classification.multi_label import MultiLabelClassification
+from launcher.tasks.sequence_classification.regression import Regression
+from launcher.train.reporting import read_metrics_log
+from launcher.train.run_directory import read_run_summary
 
 TOPIC_NAMES = sorted(TOPICS)
 
@@ -229,7 +229,7 @@ def test_problem_type_recipe_errors(assets, tmp_path, task, extra, message):
 
 
 def test_resolved_recipes_of_each_problem_type_reload(assets, tmp_path, topic_files, rating_files):
-    from launcher.run_directory import recipe_yaml
+    from launcher.train.run_directory import recipe_yaml
     multi = multi_label_recipe(assets, topic_files, tmp_path / "m")
     multi["task"]["threshold"] = 0.3
     for name, raw in (("multi", multi), ("sts", regression_recipe(assets, rating_files, tmp_path / "s"))):

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from launcher.recipe import Recipe
-from launcher.recipe_loader import RecipeError, apply_override, deep_merge, load_recipe
+from launcher.recipe.loading import RecipeError, apply_override, deep_merge, load_recipe
+from launcher.recipe.schema import Recipe
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = sorted((REPO / "recipes").glob("*.yaml"))
@@ -181,7 +181,7 @@ def test_shipped_recipes_keep_the_real_hub_names():
 def test_every_shipped_recipe_reloads_from_its_resolved_yaml(path, tmp_path):
     """A run writes every field out (recipe.resolved.yaml); launcher.predict and tests read it back. Fields of
     another format or problem type are written at their defaults, which must not count as set."""
-    from launcher.run_directory import recipe_yaml
+    from launcher.train.run_directory import recipe_yaml
 
     recipe = load_recipe(path)
     (tmp_path / "resolved.yaml").write_text(recipe_yaml(recipe))

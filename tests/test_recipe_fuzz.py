@@ -20,8 +20,8 @@ from pydantic import BaseModel
 
 from conftest import REPO, run_in_process
 from launcher import run
-from launcher.recipe import TASK_TYPES, Recipe, task_type_of
-from launcher.recipe_loader import RecipeError, load_raw, load_recipe
+from launcher.recipe.loading import RecipeError, load_raw, load_recipe
+from launcher.recipe.schema import TASK_TYPES, Recipe, task_type_of
 
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
 FUZZ = settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -12,8 +12,8 @@ from transformers import AutoTokenizer
 from builders import WORDS, write_csv
 from conftest import run_in_process, tiny_recipe, write_recipe
 from faults import patches, restore_signal_handlers, train_records  # noqa: F401 (restore_signal_handlers is a fixture)
-from launcher.reporting import read_metrics_log
-from launcher.stopping import EXIT_STOPPED_FOR_RESUME
+from launcher.train.reporting import read_metrics_log
+from launcher.train.stopping import EXIT_STOPPED_FOR_RESUME
 
 EXAMPLES, BATCH, EPOCHS = 64, 8, 2
 STEPS_PER_EPOCH = EXAMPLES // BATCH

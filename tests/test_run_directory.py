@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import run_in_process, tiny_recipe, write_recipe
-from launcher.run_directory import REPLACED_PREFIX, RUN_SUMMARY
+from launcher.train.run_directory import REPLACED_PREFIX, RUN_SUMMARY
 
 
 @pytest.fixture

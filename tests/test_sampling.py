@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers.trainer_pt_utils import get_length_grouped_indices
 
-from launcher.sampling import MEGABATCH_BATCHES, label_mixed_length_grouped_order
+from launcher.data.sampling import MEGABATCH_BATCHES, label_mixed_length_grouped_order
 
 BATCH = 8
 SEEDS = range(5)

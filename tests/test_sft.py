@@ -16,14 +16,14 @@ from builders import sft_rows, write_jsonl
 from conftest import run_in_process, tiny_recipe, write_recipe
 from test_distributed_runs import CPU_DDP, CPU_DEEPSPEED, launch
 from faults import assert_same_weights, final_weights, run_faulty, train_records
-from launcher.data import DataError, load_splits
-from launcher.modeling import load_model, load_tokenizer
-from launcher.recipe import Recipe
-from launcher.recipe_loader import RecipeError, load_recipe
-from launcher.reporting import read_metrics_log
+from launcher.data.sources import DataError, load_splits
+from launcher.model.loading import load_model, load_tokenizer
+from launcher.recipe.loading import RecipeError, load_recipe
+from launcher.recipe.schema import Recipe
 from launcher.tasks import build_task
-from launcher.tasks.causal_lm import packed_sft_batch
-from launcher.tasks.sft_text import IGNORE
+from launcher.tasks.causal_lm.rendering import IGNORE
+from launcher.tasks.causal_lm.task import packed_sft_batch
+from launcher.train.reporting import read_metrics_log
 
 FORMATS = {
     "chat": {"format": "chat"},

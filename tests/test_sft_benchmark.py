@@ -15,11 +15,11 @@ sys.path.insert(0, str(REPO))  # benchmarks/ is a folder of the repository, not 
 
 from benchmarks.compare import main as compare_main  # noqa: E402
 from benchmarks.trl_baseline import run_baseline  # noqa: E402
-from launcher.data import load_splits  # noqa: E402
-from launcher.modeling import load_tokenizer  # noqa: E402
-from launcher.recipe_loader import load_recipe  # noqa: E402
+from launcher.data.sources import load_splits# noqa: E402
+from launcher.model.loading import load_tokenizer  # noqa: E402
+from launcher.recipe.loading import load_recipe  # noqa: E402
 from launcher.tasks import build_task  # noqa: E402
-from launcher.tasks.sft_text import IGNORE  # noqa: E402
+from launcher.tasks.causal_lm.rendering import IGNORE  # noqa: E402
 
 
 def chat_prompt_completion(assets, tmp_path, **sections):

@@ -17,12 +17,13 @@ import pytest
 
 from builders import FILLER, NEGATIVE, POSITIVE, write_jsonl
 from conftest import REPO, run_in_process, tiny_recipe, write_recipe
-from launcher.data import DataError, build_dataloaders, load_splits
-from launcher.modeling import load_tokenizer
-from launcher.recipe import Recipe
-from launcher.recipe_loader import RecipeError, load_recipe
+from launcher.data.loaders import build_dataloaders
+from launcher.data.sources import DataError, load_splits
+from launcher.model.loading import load_tokenizer
+from launcher.recipe.loading import RecipeError, load_recipe
+from launcher.recipe.schema import Recipe
 from launcher.tasks import build_task
-from launcher.tasks.sft_text import IGNORE
+from launcher.tasks.causal_lm.rendering import IGNORE
 
 MAX_LENGTH = 32
 # The tiny chat template around a labelled row: <|user|> review TEXT verdict <|end|> <|assistant|> ANSWER <|end|>

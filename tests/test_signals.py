@@ -8,8 +8,8 @@ import pytest
 
 from conftest import REPO, run_in_process, tiny_recipe, write_recipe
 from faults import patches, restore_signal_handlers, start_ranks, train_records  # noqa: F401 (restore_signal_handlers is a fixture)
-from launcher.checkpointing import CHECKPOINTS
-from launcher.stopping import EXIT_STOPPED_FOR_RESUME
+from launcher.train.checkpoints import CHECKPOINTS
+from launcher.train.stopping import EXIT_STOPPED_FOR_RESUME
 
 
 def recipe_without_periodic_saves(assets, tmp_path):

@@ -15,11 +15,11 @@ import pytest
 from builders import sentiment_rows, write_csv
 from conftest import tiny_recipe, write_recipe
 from faults import assert_same_weights, final_weights
-from launcher.recipe_loader import load_recipe
-from launcher.reporting import read_metrics_log
-from launcher.run_directory import read_run_summary
+from launcher.recipe.loading import load_recipe
 from launcher.submit import main as submit_main
 from launcher.sweep import main as sweep_main
+from launcher.train.reporting import read_metrics_log
+from launcher.train.run_directory import read_run_summary
 from slurm_cluster import SlurmCluster, slurm_cluster  # noqa: F401  (the fixture)
 
 pytestmark = pytest.mark.slurm

@@ -30,7 +30,7 @@ import launcher.submit
 from builders import sentiment_rows, write_csv
 from conftest import run_cli, tiny_recipe, write_recipe
 from faults import assert_same_weights, final_weights, train_records
-from launcher.run_directory import read_run_summary
+from launcher.train.run_directory import read_run_summary
 from rank_harness import read_ranks
 from slurm_cluster import NODES, SlurmCluster, slurm_cluster  # noqa: F401  (the fixture)
 from test_slurm_cluster import SUBMITTED, log_text, release_requeued_job, wait_for_training

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from launcher.run_directory import write_run_summary
-from launcher.slurm import SlurmError, parse_gres, time_limit_seconds
+from launcher.cluster.slurm import SlurmError, parse_gres, time_limit_seconds
 from launcher.submit import main as submit_main
 from launcher.sweep import SweepError, collect, expand, format_table, write_manifest
+from launcher.train.run_directory import write_run_summary
 
 REPO = Path(__file__).resolve().parent.parent
 LLAMA_RECIPE = str(REPO / "recipes" / "llama3_yelp.yaml")

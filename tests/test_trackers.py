@@ -9,11 +9,11 @@ from typing import get_args
 import pytest
 from accelerate.utils import LoggerType
 
-import launcher.reporting as reporting
+import launcher.train.reporting as reporting
 from conftest import run_in_process, tiny_recipe, write_recipe
-from launcher.recipe import OutputSection
-from launcher.recipe_loader import RecipeError
-from launcher.reporting import TRACKER_PACKAGES, read_metrics_log, tracker_for
+from launcher.recipe.loading import RecipeError
+from launcher.recipe.schema import OutputSection
+from launcher.train.reporting import TRACKER_PACKAGES, read_metrics_log, tracker_for
 
 
 def test_every_accelerate_tracker_can_be_named():

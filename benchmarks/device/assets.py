@@ -1,7 +1,7 @@
 """Models and data the kit builds where it runs: nothing is downloaded and nothing large travels.
 
 - Models at their real sizes with random (seeded) weights: a BERT-base classifier body (`BertConfig()`'s defaults,
-  110M parameters) and a Llama-3-8B-shaped one (the public config.json values in `launcher.memory_plan`, 8.0B).
+  110M parameters) and a Llama-3-8B-shaped one (the public config.json values in `launcher.plan.memory`, 8.0B).
   Throughput and memory depend on shapes, not on weight values. The 8B model is built directly in bf16 on the GPU
   (seconds) and saved once; the launcher then loads it like any checkpoint.
 - Tokenizers with a word-level vocabulary of the real size (30,522 and 128,256 entries), one token per word, so
@@ -26,7 +26,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import BertConfig, BertModel, BertTokenizerFast, LlamaConfig, LlamaModel
 from transformers import PreTrainedTokenizerFast
 
-from launcher.memory_plan import KNOWN_CONFIGS
+from launcher.plan.memory import KNOWN_CONFIGS
 
 LLAMA3_8B = "meta-llama/Meta-Llama-3-8B"
 MARKERS_PER_CLASS = 12

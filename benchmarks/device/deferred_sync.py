@@ -1,5 +1,5 @@
 """The training loop without per-step host synchronisation at the optimizer step: the change proposed for
-launcher/training.py, run as a benchmark variant so that its worth is measured before the loop changes.
+launcher/train/loop.py, run as a benchmark variant so that its worth is measured before the loop changes.
 
     python benchmarks/device/deferred_sync.py RECIPE [section.key=value ...]   # the arguments of launcher/run.py
 
@@ -41,8 +41,8 @@ if __package__ in (None, ""):
 import torch  # noqa: E402
 
 import launcher.run  # noqa: E402
-from launcher.recipe import Recipe  # noqa: E402
-from launcher.training import NonFiniteLossError, StepResult, Trainer  # noqa: E402
+from launcher.recipe.schema import Recipe  # noqa: E402
+from launcher.train.loop import NonFiniteLossError, StepResult, TrainingLoop  # noqa: E402
 
 EVERY_VARIABLE = "DEFERRED_SYNC_EVERY"
 PINNED_VARIABLE = "DEFERRED_SYNC_PINNED"
@@ -65,7 +65,7 @@ def deferrable(recipe: Recipe) -> bool:
 class DeferredStop:
     """The run's stop request, agreed on (a collective and a read-back) only where no step is pending."""
 
-    def __init__(self, request, trainer: "DeferredSyncTrainer"):
+    def __init__(self, request, trainer: "DeferredSyncLoop"):
         self.request, self.trainer = request, trainer
 
     def agreed(self, accelerator) -> bool:
@@ -75,7 +75,7 @@ class DeferredStop:
         return getattr(self.request, name)
 
 
-class DeferredSyncTrainer(Trainer):
+class DeferredSyncLoop(TrainingLoop):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.read_back_every = int(os.environ.get(EVERY_VARIABLE, self.recipe.training.log_every_steps))
@@ -153,7 +153,7 @@ def pin_training_batches(setup):
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    launcher.run.Trainer = DeferredSyncTrainer
+    launcher.run.TrainingLoop = DeferredSyncLoop
     if os.environ.get(PINNED_VARIABLE) == "1":
         launcher.run.setup = pin_training_batches(launcher.run.setup)
     return launcher.run.main(argv)

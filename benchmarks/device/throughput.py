@@ -2,7 +2,7 @@
 (benchmarks/device/assets.py) and runs `benchmarks.compare` three times: a BERT-base classifier at seq 128 in
 bf16 against both tutorial baselines and the deferred-sync loop variants, and a Llama-3-8B-shaped model with
 LoRA in bf16 at seq 512, as a classifier and as causal-LM SFT. Each launcher variant's result gains the memory plan of its recipe (what
-`launcher/run.py RECIPE --check` prints, from `launcher.memory_plan`) against the measured allocator peak, and,
+`launcher/run.py RECIPE --check` prints, from `launcher.plan.memory`) against the measured allocator peak, and,
 with LoRA, the FLOP count without the frozen weights' gradients beside the 6N one.
 """
 
@@ -23,10 +23,10 @@ from benchmarks.compare import main as compare_main
 from benchmarks.device import assets
 from benchmarks.measure import lora_adjusted_flops_per_s
 from benchmarks.tutorial_baselines import training_arguments
-from launcher.flops import count_non_embedding_parameters, model_flops_utilization, peak_bf16_flops
-from launcher.memory_plan import Topology, estimate_memory, measure_model, model_config
-from launcher.modeling import apply_lora
-from launcher.recipe_loader import load_recipe
+from benchmarks.flops import count_non_embedding_parameters, model_flops_utilization, peak_bf16_flops
+from launcher.model.loading import apply_lora
+from launcher.plan.memory import Topology, estimate_memory, measure_model, model_config
+from launcher.recipe.loading import load_recipe
 from launcher.tasks import task_class
 
 @dataclass(frozen=True)
@@ -111,7 +111,7 @@ def prepare(benchmark: Benchmark, work: Path, smoke: bool) -> None:
 
 def lora_parameters(recipe) -> dict[str, int]:
     """Non-embedding parameters that are frozen, and those the adapters add (built on the meta device, as
-    `launcher.memory_plan.measure_model` builds the recipe's model)."""
+    `launcher.plan.memory.measure_model` builds the recipe's model)."""
     config = model_config(recipe.model.name_or_path)[0]
     if recipe.task.type == "sequence_classification":
         config.num_labels = recipe.task.head_outputs

@@ -3,19 +3,19 @@
 
 from __future__ import annotations
 
-from transformers import PreTrainedTokenizerBase
+from typing import Any
 
-from launcher.recipe import Recipe
+from transformers import PretrainedConfig, PreTrainedTokenizerBase
+
+from launcher.recipe.schema import Recipe
 from launcher.tasks.base import Task
-from launcher.tasks.causal_lm import CausalLanguageModeling
-from launcher.tasks.classification import SequenceClassification
-from launcher.tasks.multi_label import MultiLabelClassification
-from launcher.tasks.regression import Regression
+from launcher.tasks.causal_lm.task import CausalLanguageModeling
+from launcher.tasks.sequence_classification.multi_label import MultiLabelClassification
+from launcher.tasks.sequence_classification.regression import Regression
+from launcher.tasks.sequence_classification.single_label import SequenceClassification
 
-CLASSIFICATION_PROBLEMS: dict[str, type[Task]] = {
-    "single_label": SequenceClassification,
-    "multi_label": MultiLabelClassification,
-    "regression": Regression,
+CLASSIFICATION_PROBLEMS: dict[str, type[SequenceClassification]] = {
+    task.problem_type: task for task in (SequenceClassification, MultiLabelClassification, Regression)
 }
 
 
@@ -28,6 +28,14 @@ def task_class(recipe: Recipe) -> type[Task]:
     if recipe.task.type == "causal_lm":
         return CausalLanguageModeling
     return CLASSIFICATION_PROBLEMS[recipe.task.problem_type]
+
+
+def exported_task_section(config: PretrainedConfig) -> dict[str, Any]:
+    """The `task` section of an exported classifier's recipe, from the `problem_type` transformers keeps in its
+    config (a config without one is single-label, as transformers reads it)."""
+    task = next((task for task in CLASSIFICATION_PROBLEMS.values() if task.hf_problem_type == config.problem_type),
+                SequenceClassification)
+    return task.exported_task_section(config)
 
 
 def build_task(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> Task:

@@ -18,8 +18,8 @@ from peft import TaskType
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from launcher.data import Splits
-from launcher.recipe import Recipe
+from launcher.data.sources import Splits
+from launcher.recipe.schema import Recipe
 
 Batch = dict[str, torch.Tensor]
 Collator = Callable[[list[dict[str, Any]]], Batch]
@@ -39,6 +39,8 @@ class Task(ABC):
         self.notes: list[str] = []
         """Lines for the run plan that the data preparation found (dropped rows, label words...)."""
 
+    serves_predictions = False
+    """`launcher.predict` serves its models (the task implements what it calls: `prediction_columns`, `score`...)."""
     output_files: tuple[str, ...] = ()
     """What the task writes into the run directory besides the loop's outputs (plots, generations)."""
 

@@ -1,0 +1,1 @@
+"""Slurm: batch scripts, submission, preemption and requeue."""

@@ -1,0 +1,30 @@
+"""Tokenized train and eval sets in, their DataLoaders out."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from torch.utils.data import DataLoader
+
+from launcher.data.sampling import EpochShuffleSampler
+from launcher.data.sources import Splits
+from launcher.recipe.schema import Recipe
+
+
+def build_dataloaders(tokenized: Splits, recipe: Recipe, train_collator, eval_collator,
+                      class_ids: Optional[list[int]] = None) -> tuple[DataLoader, Optional[DataLoader]]:
+    """Train and eval loaders with the task's collators; training batches come from `EpochShuffleSampler`, whose
+    length grouping keeps the mix of `class_ids` (each training example's class, where the task has classes)."""
+    batch_size = recipe.training.per_device_batch_size
+    lengths = [len(ids) for ids in tokenized.train["input_ids"]] if recipe.data.group_by_length else None
+    sampler = EpochShuffleSampler(len(tokenized.train), recipe.training.seed, batch_size, lengths,
+                                  class_ids if recipe.data.group_by_length else None)
+    train_loader = DataLoader(
+        tokenized.train, batch_size=batch_size, sampler=sampler, collate_fn=train_collator, num_workers=recipe.data.num_workers
+    )
+    eval_loader = None
+    if tokenized.eval is not None:
+        eval_loader = DataLoader(
+            tokenized.eval, batch_size=recipe.eval_batch_size, shuffle=False, collate_fn=eval_collator, num_workers=recipe.data.num_workers
+        )
+    return train_loader, eval_loader

@@ -1,0 +1,1 @@
+"""What `--check` tells before any weight is loaded: the run plan and the per-device memory estimate."""
