@@ -125,7 +125,9 @@ def recipe_for(source: Source, overrides: list[str]) -> Recipe:
     return recipe
 
 
-def load_predictor(path: Path, overrides: list[str]) -> Predictor:
+def load_predictor(path: Path, overrides: list[str], evaluate: bool) -> Predictor:
+    """The model at `path` with its task; to `evaluate`, with the loss weights the run trained with (predictions
+    alone need no training data)."""
     name_deepspeed_accelerator(detect_device())  # as in training: no DeepSpeed auto-detection warning on a CPU host
     source = resolve_source(path)
     recipe = recipe_for(source, overrides)
@@ -136,7 +138,7 @@ def load_predictor(path: Path, overrides: list[str]) -> Predictor:
         task.labels = training_labels(recipe, task)
         model = load_trained(source, recipe, task)
     task.labels = LabelSpace([model.config.id2label[i] for i in range(model.config.num_labels)])
-    if recipe.training.class_weights is not None:
+    if evaluate and recipe.training.class_weights is not None:
         task.class_weights = training_class_weights(recipe_for(source, []), task)
     device = torch.device(detect_device().type)
     print(f"predict: {source.kind} {source.folder} ({recipe.task.problem_type}, {len(task.labels.names)} output(s) "
@@ -164,7 +166,8 @@ def training_class_weights(run_recipe: Recipe, task: SequenceClassification) -> 
     try:
         splits = load_splits(run_recipe.data, run_task.columns(run_recipe))
         train = splits.train
-        encoded = run_task.label_encoder()(train.to_dict(), list(range(len(train))), splits.train_origin)
+        labels = train.select_columns(run_recipe.data.label_columns or [run_recipe.data.label_field])
+        encoded = run_task.label_encoder()(labels.to_dict(), list(range(len(train))), splits.train_origin)
     except DataError as err:
         raise PredictError(f"training.class_weights come from the run's training data, which cannot be read here: {err}") from err
     run_task.set_class_weights(datasets.Dataset.from_dict({"labels": encoded}))
@@ -283,7 +286,10 @@ def write_text(text: str, path: Path) -> None:
 
 
 def positive_int(text: str) -> int:
-    value = int(text) if text.strip().lstrip("+").isdigit() else 0
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
     return value
@@ -307,7 +313,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     output = Path(args.output)
     try:
-        predictor = load_predictor(Path(args.source), args.overrides)
+        predictor = load_predictor(Path(args.source), args.overrides, args.evaluate)
         dataset = read_input(args.input, predictor.recipe, args.evaluate, predictor.task)
         logits = predict_logits(predictor, dataset, args.batch_size)
         metrics = evaluate(predictor, dataset, logits, args.input) if args.evaluate else None

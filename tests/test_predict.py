@@ -230,3 +230,14 @@ def test_batch_size_must_be_a_positive_integer(tmp_path, capsys, value):
         predict([str(tmp_path), "--input", "in.csv", "--batch-size", value])
     assert exit_info.value.code == 2
     assert f"argument --batch-size: must be a positive integer, got {value!r}" in capsys.readouterr().err
+
+
+def test_predictions_of_a_weighted_run_need_no_training_data(runs, tmp_path, capsys):
+    """Only `--evaluate`'s loss needs the weights, and so the training rows they come from."""
+    run = shutil.copytree(runs["weighted"], tmp_path / "run")
+    resolved = run / "recipe.resolved.yaml"
+    eval_file = load_recipe(resolved).data.eval_file
+    resolved.write_text(resolved.read_text().replace(load_recipe(resolved).data.train_file, str(tmp_path / "gone.csv")))
+    assert predict([str(run), "--input", eval_file, "--output", str(tmp_path / "p.csv")]) == 0
+    assert predict([str(run), "--input", eval_file, "--output", str(tmp_path / "p.csv"), "--evaluate"]) == 1
+    assert "training.class_weights come from the run's training data" in capsys.readouterr().err
