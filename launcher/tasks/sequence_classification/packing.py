@@ -17,8 +17,8 @@ import torch
 from transformers import AutoConfig, PreTrainedModel
 from transformers.modeling_outputs import SequenceClassifierOutputWithPast
 
-from launcher.data.sources import DataError
 from launcher.model.forward_routes import add_forward_route, transformers_model_of
+from launcher.model.loading import ModelError
 from launcher.recipe.schema import Recipe
 
 # Decoders whose sequence classifier is a backbone plus a `score` head classifying the last non-pad token, and whose
@@ -54,7 +54,7 @@ def enable_packed_batches(model: torch.nn.Module) -> None:
     those carry `classify_at`; any other batch (evaluation) goes to the model's own forward unchanged."""
     problem = packing_problem(transformers_model_of(model).config.model_type)
     if problem:
-        raise DataError(problem)
+        raise ModelError(problem)
     add_forward_route(model, "classify_at", classify_packed)
 
 
