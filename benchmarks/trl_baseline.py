@@ -92,7 +92,7 @@ def conversation(task: CausalLanguageModeling, row: dict[str, Any], where: str) 
     spec, data = task.recipe.task, task.recipe.data
     if spec.format == "labelled":
         texts = {"text": row[data.text_field], **({"text_pair": row[data.text_pair_field]} if data.text_pair_field else {})}
-        prompt, answer = spec.prompt_template.format(**texts), task.answers()[task.class_of(row, where)]
+        prompt, answer = spec.prompt_template.format(**texts), task.examples.answers()[task.examples.class_of(row, where)]
     else:
         prompt, answer = row[spec.prompt_field], row[spec.completion_field]
     system = [{"role": "system", "content": spec.system_prompt}] if spec.system_prompt else []
@@ -135,7 +135,7 @@ def launcher_evaluation(trainer: SFTTrainer, task: CausalLanguageModeling, evalu
     _, collate = task.collators()
     loader = DataLoader(evaluation, batch_size=task.recipe.eval_batch_size, shuffle=False, collate_fn=collate)
     trainer.model.eval()
-    return task.evaluate(trainer.model, loader, trainer.accelerator)
+    return task.evaluate(trainer.model, loader, trainer.accelerator).metrics
 
 
 def run_baseline(recipe: Recipe, way: str, steps: int, out: Path) -> list[dict[str, Any]]:
@@ -145,12 +145,12 @@ def run_baseline(recipe: Recipe, way: str, steps: int, out: Path) -> list[dict[s
     set_seed(recipe.training.seed)
     tokenizer = load_tokenizer(recipe.model)
     check_comparable(recipe, tokenizer)
-    task = CausalLanguageModeling(recipe, tokenizer)
-    splits = load_splits(recipe.data, task.columns(recipe))
-    launcher_tokens = task.prepare_data(splits)  # also resolves the label words the conversations answer with
+    splits = load_splits(recipe.data, CausalLanguageModeling.columns(recipe))
+    prepared = CausalLanguageModeling.prepare(recipe, tokenizer, splits)  # also the label words the conversations answer with
+    task, launcher_tokens = prepared.task, prepared.data
     train, train_over = conversations(task, splits.train, splits.train_origin)
     evaluation, eval_over = conversations(task, splits.eval, splits.eval_origin)
-    model = load_model(recipe, task, tokenizer)
+    model, _ = load_model(recipe, task, tokenizer)
     counter = TrainingForwardCounter()
     model.register_forward_pre_hook(counter, with_kwargs=True)
     clock = TrainedTokenClock(counter)

@@ -158,14 +158,14 @@ def run_baseline(recipe: Recipe, way: str, steps: int, out: Path) -> list[dict[s
     lengths = baseline_lengths(recipe, way)
     # Tokenized unpadded and truncated at data.max_length, as the launcher's dynamic padding does; never packed.
     recipe = recipe.model_copy(update={"data": recipe.data.model_copy(update={"padding": "dynamic"})})
-    task = SequenceClassification(recipe, tokenizer)
-    tokenized = task.prepare_data(load_splits(recipe.data, task.columns(recipe)))
+    prepared = SequenceClassification.prepare(recipe, tokenizer, load_splits(recipe.data, SequenceClassification.columns(recipe)))
+    task, tokenized = prepared.task, prepared.data
     if way == "max_length":
         tokenized = pad_every_text(tokenized, tokenizer, lengths["pad_to"])
     collator = CountingCollator(default_data_collator if way == "max_length" else DataCollatorWithPadding(tokenizer))
     clock = StepClock(collator)
     trainer = Trainer(
-        model=load_model(recipe, task, tokenizer),
+        model=load_model(recipe, task, tokenizer)[0],
         args=training_arguments(recipe, steps, out),
         train_dataset=tokenized.train,
         data_collator=collator,

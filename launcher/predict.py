@@ -28,15 +28,13 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Iterator, Optional
 
 import datasets
+import numpy as np
 import torch
 from peft import PeftModel
-from safetensors.torch import load_file
-from tqdm.auto import tqdm
-from accelerate.utils import merge_fsdp_weights
-from transformers import AutoConfig, DataCollatorWithPadding
+from transformers import AutoConfig
 
 from launcher.data.labels import LabelSpace, check_labels_present
 from launcher.data.sources import FILE_BUILDERS, DataError, check_dataset_columns, load_file as load_data_file, load_splits
@@ -45,19 +43,11 @@ from launcher.distributed.library_messages import name_deepspeed_accelerator
 from launcher.model.loading import load_model, load_tokenizer
 from launcher.recipe.loading import RecipeError, build_recipe, load_raw
 from launcher.recipe.schema import LoraSection, Recipe
-from launcher.tasks import build_task, exported_task_section, task_class
-from launcher.tasks.metrics import per_class_table
-from launcher.tasks.sequence_classification.single_label import SequenceClassification, model_inputs
+from launcher.tasks import exported_task_section, predicting_task_class
+from launcher.tasks.base import Evaluation, PredictingTask
 from launcher.tasks.sequence_classification.tokenization import check_texts
-from launcher.train.checkpoints import CHECKPOINTS, MANIFEST, sealed_checkpoints
+from launcher.train.checkpoints import CHECKPOINTS, MANIFEST, CheckpointError, checkpoint_state_dict, sealed_checkpoints
 from launcher.train.run_directory import RESOLVED_RECIPE
-
-# What Accelerate's save_state writes for the model: one file, or DeepSpeed's / FSDP's folder of shards.
-CHECKPOINT_WEIGHTS = "model.safetensors"
-DEEPSPEED_TAG = "pytorch_model"
-FSDP_FULL = "pytorch_model_fsdp.bin"
-FSDP_SHARDS = "pytorch_model_fsdp_0"
-
 
 class PredictError(ValueError):
     """The source cannot be used for predictions as asked."""
@@ -75,7 +65,7 @@ class Source:
 @dataclass
 class Predictor:
     recipe: Recipe
-    task: SequenceClassification
+    task: PredictingTask
     model: torch.nn.Module
     device: torch.device
 
@@ -119,7 +109,7 @@ def recipe_for(source: Source, overrides: list[str]) -> Recipe:
     if source.kind == "model":
         raw["model"]["name_or_path"] = str(source.folder)  # the trained weights, not the run's starting point
     recipe = build_recipe(raw, overrides, str(source.recipe_file or source.folder))
-    if not task_class(recipe).serves_predictions:
+    if predicting_task_class(recipe) is None:
         raise PredictError(f"{source.folder}: launcher.predict serves classification and regression models; a causal_lm "
                            "model generates text (AutoModelForCausalLM.generate)")
     return recipe
@@ -131,81 +121,56 @@ def load_predictor(path: Path, overrides: list[str], evaluate: bool) -> Predicto
     name_deepspeed_accelerator(detect_device())  # as in training: no DeepSpeed auto-detection warning on a CPU host
     source = resolve_source(path)
     recipe = recipe_for(source, overrides)
-    task = build_task(recipe, load_tokenizer(recipe.model))
+    task_type, tokenizer = predicting_task_class(recipe), load_tokenizer(recipe.model)
     if source.kind == "model":
-        model = task.model_class.from_pretrained(source.folder)
-    else:
-        task.labels = training_labels(recipe, task)
-        model = load_trained(source, recipe, task)
-    task.labels = LabelSpace([model.config.id2label[i] for i in range(model.config.num_labels)])
+        model = task_type.model_class.from_pretrained(source.folder)
+    else:  # an adapter or a checkpoint carries the head's weights, not its names: the run's data has them
+        model = load_trained(source, recipe, task_type(recipe, tokenizer, training_labels(recipe, task_type)))
+    labels = LabelSpace([model.config.id2label[i] for i in range(model.config.num_labels)])
+    weights = None
     if evaluate and recipe.training.class_weights is not None:
-        task.class_weights = training_class_weights(recipe_for(source, []), task)
+        weights = training_class_weights(recipe_for(source, []), task_type, labels)
     device = torch.device(detect_device().type)
-    print(f"predict: {source.kind} {source.folder} ({recipe.task.problem_type}, {len(task.labels.names)} output(s) "
-          f"{task.labels.names[:8]}{' ...' if len(task.labels.names) > 8 else ''}) on {device}")
-    return Predictor(recipe, task, model.to(device).eval(), device)
+    print(f"predict: {source.kind} {source.folder} ({recipe.task.problem_type}, {len(labels.names)} output(s) "
+          f"{labels.names[:8]}{' ...' if len(labels.names) > 8 else ''}) on {device}")
+    return Predictor(recipe, task_type(recipe, tokenizer, labels, weights), model.to(device).eval(), device)
 
 
-def training_labels(recipe: Recipe, task: SequenceClassification) -> LabelSpace:
-    """The class names in id order, worked out from the run's data as training did (an adapter or a checkpoint
-    carries the head's weights, not its names)."""
+def training_labels(recipe: Recipe, task_type: type[PredictingTask]) -> LabelSpace:
+    """The class names in id order, worked out from the run's data as training did."""
     try:
-        return task.resolve_labels(load_splits(recipe.data, task.columns(recipe)))
+        return task_type.resolve_labels(recipe, load_splits(recipe.data, task_type.columns(recipe)))
     except DataError as err:
         raise PredictError(f"the class names come from the run's training data, which cannot be read here: {err}") from err
 
 
-def training_class_weights(run_recipe: Recipe, task: SequenceClassification) -> Optional[torch.Tensor]:
+def training_class_weights(run_recipe: Recipe, task_type: type[PredictingTask], labels: LabelSpace) -> Optional[torch.Tensor]:
     """The loss weights the run trained and evaluated with (`training.class_weights`), worked out again from the
     run's training rows as training did (`balanced` depends on them), read with the run's own recipe: overrides
     given for the input do not apply to its files. Recomputed rather than recorded: the weights are a function of
     the recipe and its data, which the run directory keeps, and a model folder copied away from its run has no
     recipe to weigh by."""
-    run_task = build_task(run_recipe, task.tokenizer)
-    run_task.labels = task.labels
     try:
-        splits = load_splits(run_recipe.data, run_task.columns(run_recipe))
+        splits = load_splits(run_recipe.data, task_type.columns(run_recipe))
         train = splits.train
-        labels = train.select_columns(run_recipe.data.label_columns or [run_recipe.data.label_field])
-        encoded = run_task.label_encoder()(labels.to_dict(), list(range(len(train))), splits.train_origin)
+        rows = train.select_columns(run_recipe.data.label_columns or [run_recipe.data.label_field]).to_dict()
+        targets = task_type.label_encoder(run_recipe, labels)(rows, list(range(len(train))), splits.train_origin)
     except DataError as err:
         raise PredictError(f"training.class_weights come from the run's training data, which cannot be read here: {err}") from err
-    run_task.set_class_weights(datasets.Dataset.from_dict({"labels": encoded}))
-    return run_task.class_weights
+    return task_type.loss_weights(run_recipe, labels, np.asarray(targets))
 
 
-def load_trained(source: Source, recipe: Recipe, task: SequenceClassification) -> torch.nn.Module:
+def load_trained(source: Source, recipe: Recipe, task: PredictingTask) -> torch.nn.Module:
     """The recipe's model rebuilt as training built it (base, head, LoRA), with the trained weights put in."""
     if source.kind == "adapter":  # the base as training loaded it, then the trained adapter (and head) on it
-        base = load_model(recipe.model_copy(update={"lora": LoraSection()}), task, task.tokenizer)
+        base, _ = load_model(recipe.model_copy(update={"lora": LoraSection()}), task, task.tokenizer)
         return PeftModel.from_pretrained(base, source.folder)
-    model = load_model(recipe, task, task.tokenizer)
+    model, _ = load_model(recipe, task, task.tokenizer)
     model.load_state_dict(checkpoint_state_dict(source.folder))
     return model
 
 
-def checkpoint_state_dict(folder: Path) -> dict[str, torch.Tensor]:
-    """The model's full weights from a checkpoint, whichever way Accelerate's `save_state` wrote them: one
-    safetensors file, DeepSpeed ZeRO shards (gathered into fp32 with DeepSpeed's zero_to_fp32), FSDP's full state
-    dict (`fsdp_state_dict_type: FULL_STATE_DICT`) or its sharded state (merged with Accelerate's
-    `merge_fsdp_weights`)."""
-    if (folder / CHECKPOINT_WEIGHTS).is_file():
-        return load_file(str(folder / CHECKPOINT_WEIGHTS))
-    if (folder / DEEPSPEED_TAG).is_dir():
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        return get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=DEEPSPEED_TAG)
-    if (folder / FSDP_FULL).is_file():
-        return torch.load(folder / FSDP_FULL, map_location="cpu", weights_only=True)
-    if (folder / FSDP_SHARDS).is_dir():
-        with tempfile.TemporaryDirectory() as merged:
-            merge_fsdp_weights(str(folder / FSDP_SHARDS), merged)
-            return load_file(str(Path(merged) / CHECKPOINT_WEIGHTS))
-    raise PredictError(f"{folder}: none of {CHECKPOINT_WEIGHTS}, {DEEPSPEED_TAG}/ (DeepSpeed), {FSDP_FULL} or {FSDP_SHARDS}/ (FSDP): "
-                       "not a checkpoint of this launcher")
-
-
-def read_input(path: str, recipe: Recipe, evaluate: bool, task: SequenceClassification) -> datasets.Dataset:
+def read_input(path: str, recipe: Recipe, evaluate: bool, task: PredictingTask) -> datasets.Dataset:
     """The input rows, with the text columns (and, to evaluate, the label columns) checked."""
     dataset = load_data_file(path)
     data = recipe.data
@@ -217,30 +182,11 @@ def read_input(path: str, recipe: Recipe, evaluate: bool, task: SequenceClassifi
     return dataset
 
 
-@torch.no_grad()
-def predict_logits(predictor: Predictor, dataset: datasets.Dataset, batch_size: int) -> torch.Tensor:
-    """Every row's logits, in input order; batches run longest first, each padded to its longest row."""
-    recipe, tokenizer = predictor.recipe, predictor.task.tokenizer
-    pairs = list(dataset[recipe.data.text_pair_field]) if recipe.data.text_pair_field else None
-    encoded = tokenizer(list(dataset[recipe.data.text_field]), pairs, truncation=True, max_length=recipe.data.max_length)
-    rows = [dict(zip(encoded.keys(), values)) for values in zip(*encoded.values())]
-    order = sorted(range(len(rows)), key=lambda i: -len(rows[i]["input_ids"]))
-    collate = DataCollatorWithPadding(tokenizer)
-    logits: list[Optional[torch.Tensor]] = [None] * len(rows)
-    for start in tqdm(range(0, len(order), batch_size), desc="predicting", unit="batch"):
-        chosen = order[start:start + batch_size]
-        batch = {name: tensor.to(predictor.device) for name, tensor in collate([rows[i] for i in chosen]).items()}
-        for index, row_logits in zip(chosen, predictor.model(**model_inputs(batch)).logits.float().cpu()):
-            logits[index] = row_logits
-    return torch.stack(logits)
-
-
-def evaluate(predictor: Predictor, dataset: datasets.Dataset, logits: torch.Tensor, origin: str) -> dict[str, Any]:
+def evaluate(predictor: Predictor, dataset: datasets.Dataset, logits: torch.Tensor, origin: str) -> Evaluation:
     """The recipe's metrics (and the per-class report) of `logits` against the file's labels."""
     task = predictor.task
-    labels = torch.tensor(task.label_encoder()(dataset.to_dict(), list(range(len(dataset))), origin))
-    scores = task.score(task.predictions(logits).numpy(), labels.numpy())
-    return {"loss": float(task.example_losses(logits, labels).mean()), **scores, "examples": len(dataset)}
+    targets = task.label_encoder(task.recipe, task.labels)(dataset.to_dict(), list(range(len(dataset))), origin)
+    return task.score_logits(logits, torch.tensor(targets))
 
 
 def output_rows(dataset: datasets.Dataset, columns: dict[str, list], path: Path) -> datasets.Dataset:
@@ -315,23 +261,23 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         predictor = load_predictor(Path(args.source), args.overrides, args.evaluate)
         dataset = read_input(args.input, predictor.recipe, args.evaluate, predictor.task)
-        logits = predict_logits(predictor, dataset, args.batch_size)
-        metrics = evaluate(predictor, dataset, logits, args.input) if args.evaluate else None
+        logits = predictor.task.logits(predictor.model, dataset, args.batch_size, predictor.device)
+        evaluation = evaluate(predictor, dataset, logits, args.input) if args.evaluate else None
         write_rows(output_rows(dataset, predictor.task.prediction_columns(logits), output), output)
         print(f"predictions: {len(dataset)} rows -> {output}")
-        if metrics is not None:
-            report(metrics, predictor.task, output.with_suffix(".metrics.json"))
-    except (PredictError, DataError, RecipeError) as err:
+        if evaluation is not None:
+            report(evaluation, predictor.task, output.with_suffix(".metrics.json"))
+    except (PredictError, DataError, RecipeError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0
 
 
-def report(metrics: dict[str, Any], task: SequenceClassification, path: Path) -> None:
+def report(evaluation: Evaluation, task: PredictingTask, path: Path) -> None:
+    metrics = evaluation.metrics
     headline = {name: round(value, 4) for name, value in metrics.items() if isinstance(value, float)}
     print(f"evaluation of {metrics['examples']} rows: {headline}")
-    if task.report:
-        print(per_class_table(task.report), end="")
+    print(task.summary(evaluation), end="")
     write_text(json.dumps(metrics, indent=2), path)
     print(f"metrics -> {path}")
 

@@ -27,7 +27,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from launcher.data.loaders import build_dataloaders
-from launcher.data.sources import DataError, load_splits
+from launcher.data.sources import DataError
 from launcher.distributed.accelerator import LaunchError, build_accelerator, optimizer_step_device
 from launcher.distributed.devices import PrecisionError, detect_device, precision_note, resolve_precision
 from launcher.distributed.host_memory import keep_freed_host_memory
@@ -37,7 +37,7 @@ from launcher.plan.memory import Topology, load_topology
 from launcher.plan.preflight import RunPlan, check_recipe
 from launcher.recipe.loading import RecipeError, load_recipe
 from launcher.recipe.schema import Recipe
-from launcher.tasks import build_task
+from launcher.tasks import prepare_task
 from launcher.train.checkpoints import CheckpointError, Checkpointer, TrainPosition
 from launcher.train.curves import write_curves
 from launcher.train.loop import CollectiveError, NonFiniteLossError, TrainingLoop
@@ -121,11 +121,11 @@ def setup(recipe: Recipe) -> Session:
 
     tokenizer = load_tokenizer(recipe.model)
     check_max_length(recipe, tokenizer)
-    task = build_task(recipe, tokenizer)
     with accelerator.main_process_first():
-        tokenized = task.prepare_data(load_splits(recipe.data, task.columns(recipe)))
+        prepared = prepare_task(recipe, tokenizer)
+    task, tokenized = prepared.task, prepared.data
     train_loader, eval_loader = build_dataloaders(tokenized, recipe, *task.collators(), task.class_ids(tokenized.train))
-    model = load_model(recipe, task, tokenizer)
+    model, load_notes = load_model(recipe, task, tokenizer)
     if recipe.training.compile:
         model.compile()  # in place: parameter names and state_dict keys stay those of the plain model
     optimizer = build_optimizer(model, recipe.training, optimizer_step_device(accelerator, device.type))
@@ -153,7 +153,7 @@ def setup(recipe: Recipe) -> Session:
     plan = RunPlan(recipe, accelerator.num_processes, device.type, str(accelerator.distributed_type), precision,
                    len(tokenized.train), len(tokenized.eval) if tokenized.eval is not None else None)
     trainable, total = count_parameters(model)
-    plan.notes += [f"parameters: {trainable:,} trainable of {total:,}", host_memory, *task.notes]
+    plan.notes += [f"parameters: {trainable:,} trainable of {total:,}", host_memory, *prepared.notes, *load_notes]
     plan.notes += filter(None, [precision_note(device, precision)])
     if position.optimizer_step:
         plan.notes.append(f"resumed at optimizer step {position.optimizer_step} (epoch {position.epoch}, batch {position.batches_in_epoch})")

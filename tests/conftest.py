@@ -84,16 +84,14 @@ def eval_loss_of(model: torch.nn.Module, run_dir: Path) -> float:
     """Mean eval cross-entropy of `model` on the run's eval set, tokenized as the run did."""
     from transformers import AutoTokenizer, DataCollatorWithPadding
 
-    from launcher.data.sources import load_splits
-    from launcher.tasks import build_task
+    from launcher.tasks import prepare_task
     from launcher.recipe.loading import load_recipe
 
     recipe = load_recipe(run_dir / "recipe.resolved.yaml")
     tokenizer = AutoTokenizer.from_pretrained(recipe.model.name_or_path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    task = build_task(recipe, tokenizer)
-    tokenized = task.prepare_data(load_splits(recipe.data, task.columns(recipe))).eval
+    tokenized = prepare_task(recipe, tokenizer).data.eval
     batch = DataCollatorWithPadding(tokenizer)([tokenized[i] for i in range(len(tokenized))])
     model.eval()
     return float(model(**batch).loss)

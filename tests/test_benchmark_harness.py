@@ -182,7 +182,7 @@ def reseeding_dropout(load_model):
     """A model loader whose models reseed torch before every training forward (seed = forward count), so two loops
     that run the same batches draw the same dropout masks whatever else they take from the global generator."""
     def load(*args):
-        model = load_model(*args)
+        model, notes = load_model(*args)
         forwards = itertools.count(1)
 
         def reseed(module, inputs):
@@ -190,7 +190,7 @@ def reseeding_dropout(load_model):
                 torch.manual_seed(next(forwards))
 
         model.register_forward_pre_hook(reseed)
-        return model
+        return model, notes
     return load
 
 

@@ -34,9 +34,8 @@ from conftest import REPO, run_in_process, tiny_recipe, write_recipe  # noqa: E4
 from faults import faulty_command, final_weights, train_records  # noqa: E402
 # start_model: the dropout-free tiny BERT saved with its head (ZeRO-3 cannot initialise a missing head).
 from test_distributed_runs import free_port, start_model  # noqa: E402, F401  (start_model is a fixture)
-from launcher.data.sources import load_splits# noqa: E402
 from launcher.recipe.loading import load_recipe  # noqa: E402
-from launcher.tasks import build_task  # noqa: E402
+from launcher.tasks import prepare_task  # noqa: E402
 from launcher.train.reporting import read_metrics_log  # noqa: E402
 from launcher.train.run_directory import read_run_summary  # noqa: E402
 
@@ -70,8 +69,8 @@ def predict(model: torch.nn.Module, run_dir: Path) -> tuple[float, float]:
     """(loss, accuracy) of `model` on the run's eval set, batched, collated and autocast as the run evaluated it."""
     recipe = load_recipe(run_dir / "recipe.resolved.yaml")
     tokenizer = AutoTokenizer.from_pretrained(run_dir / ("adapter" if (run_dir / "adapter").exists() else "model"))
-    task = build_task(recipe, tokenizer)
-    examples = task.prepare_data(load_splits(recipe.data, task.columns(recipe))).eval
+    prepared = prepare_task(recipe, tokenizer)
+    task, examples = prepared.task, prepared.data.eval
     loader = DataLoader(examples, batch_size=recipe.eval_batch_size, collate_fn=task.collators()[1])
     model.to(DEVICE).eval()
     precision = recipe.training.precision

@@ -147,8 +147,8 @@ def test_dynamic_padding_pads_each_batch_to_its_longest(assets, tmp_path, precis
     recipe = recipe_with(assets, tmp_path, precision=precision)
     tokenizer = AutoTokenizer.from_pretrained(assets["bert"])
     splits = load(recipe.data)
-    tokenized = tokenize_splits(splits, recipe.data, tokenizer, class_id_encoder(recipe.data, resolve_labels(splits, recipe.data, 2)))
-    train_loader, eval_loader = build_dataloaders(tokenized, recipe, *SequenceClassification(recipe, tokenizer).collators())
+    prepared = SequenceClassification.prepare(recipe, tokenizer, splits)
+    train_loader, eval_loader = build_dataloaders(prepared.data, recipe, *prepared.task.collators())
     widths = set()
     for batch in eval_loader:
         longest = int(batch["attention_mask"].sum(dim=1).max())

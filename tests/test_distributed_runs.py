@@ -158,9 +158,8 @@ from launcher.tasks.sequence_classification.single_label import SequenceClassifi
 
 recipe = load_recipe({recipe!r})
 accelerator = build_accelerator(recipe, "bf16", detect_device())
-task = SequenceClassification(recipe, load_tokenizer(recipe.model))
-task.labels = LabelSpace(["negative", "positive"])
-model = load_model(recipe, task, task.tokenizer)
+task = SequenceClassification(recipe, load_tokenizer(recipe.model), LabelSpace(["negative", "positive"]))
+model, _ = load_model(recipe, task, task.tokenizer)
 frozen = [p for p in model.parameters() if not p.requires_grad]
 line = (f"local {{sum(p.numel() for p in frozen)}} full {{sum(p.ds_numel for p in frozen)}} "
         f"dtypes {{sorted({{str(p.dtype) for p in model.parameters()}})}}\\n")

@@ -11,10 +11,9 @@ from safetensors.torch import load_file, save_file
 from transformers import BertConfig, BertForSequenceClassification
 
 from conftest import run_cli, tiny_recipe, write_recipe
-from launcher.data.sources import load_splits
 from launcher.model.loading import load_model, load_tokenizer
 from launcher.recipe.loading import load_recipe
-from launcher.tasks import build_task
+from launcher.tasks import prepare_task
 
 NEW_HEAD_NOTE = "new head: classifier.weight, classifier.bias initialised randomly (expected: it is what fine-tuning trains)"
 MISSING_FROM_BACKBONE = "encoder.layer.0.attention.self.query.weight"
@@ -33,14 +32,12 @@ def transformers_log():
 
 
 def load_through_launcher(tmp_path: Path, assets, checkpoint: Path) -> list[str]:
-    """`load_model` as a run calls it; returns the task's plan notes."""
+    """`load_model` as a run calls it; returns its plan notes."""
     recipe = load_recipe(write_recipe(tmp_path / "recipe.yaml", tiny_recipe({**assets, "checkpoint": checkpoint},
                                                                             tmp_path / "out", model="checkpoint")))
     tokenizer = load_tokenizer(recipe.model)
-    task = build_task(recipe, tokenizer)
-    task.prepare_data(load_splits(recipe.data, task.columns(recipe)))  # the labels the head is sized for
-    load_model(recipe, task, tokenizer)
-    return task.notes
+    task = prepare_task(recipe, tokenizer).task  # with the labels the head is sized for
+    return load_model(recipe, task, tokenizer)[1]
 
 
 def edited_checkpoint(source: Path, folder: Path, edit) -> Path:

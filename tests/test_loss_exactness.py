@@ -17,10 +17,9 @@ from conftest import run_in_process, tiny_recipe, write_recipe
 from faults import final_weights, train_records
 from test_distributed_runs import CPU_DDP, CPU_DEEPSPEED, launch, start_model  # noqa: F401 (start_model is a fixture)
 from test_sft import prepared, sft_recipe
-from launcher.data.sources import load_splits
 from launcher.model.loading import load_model, load_tokenizer
 from launcher.recipe.schema import Recipe
-from launcher.tasks import build_task
+from launcher.tasks import prepare_task
 from launcher.tasks.causal_lm.rendering import IGNORE
 from launcher.tasks.causal_lm.task import CausalLanguageModeling
 from launcher.train.checkpoints import CHECKPOINTS
@@ -58,16 +57,17 @@ def assert_counted_examples_only(task, model, collate, features):
 
 @pytest.mark.parametrize("padding", ["dynamic", "packed"])
 def test_causal_lm_loss_sums_the_trained_tokens_of_the_counted_examples(assets, tmp_path, padding):
-    recipe, task, splits = prepared(assets, tmp_path, "prompt_completion", data={"padding": padding})
-    model = load_model(recipe, task, task.tokenizer)
+    recipe, result = prepared(assets, tmp_path, "prompt_completion", data={"padding": padding})
+    task, splits = result.task, result.data
+    model, _ = load_model(recipe, task, task.tokenizer)
     assert_counted_examples_only(task, model, task.collators()[0], [splits.train[i] for i in range(6)])
 
 
 def test_classification_loss_sums_the_counted_examples(assets, tmp_path):
     recipe = Recipe.model_validate(tiny_recipe(assets, tmp_path / "out", model="bert_no_dropout"))
-    task = build_task(recipe, load_tokenizer(recipe.model))
-    splits = task.prepare_data(load_splits(recipe.data, task.columns(recipe)))
-    model = load_model(recipe, task, task.tokenizer)
+    prepared_task = prepare_task(recipe, load_tokenizer(recipe.model))
+    task, splits = prepared_task.task, prepared_task.data
+    model, _ = load_model(recipe, task, task.tokenizer)
     assert_counted_examples_only(task, model, task.collators()[0], [splits.train[i] for i in range(6)])
 
 

@@ -9,12 +9,11 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, DataCol
 
 from conftest import eval_loss_of, run_in_process, tiny_recipe, write_recipe
 from launcher.data.batches import example_token_ids
-from launcher.data.sources import load_splits
 from launcher.model.loading import load_model, load_tokenizer
 from launcher.recipe.schema import Recipe
+from launcher.tasks import prepare_task
 from launcher.tasks.sequence_classification.batches import PackedCollator
 from launcher.tasks.sequence_classification.packing import PACKED_ARCHITECTURES, enable_packed_batches
-from launcher.tasks.sequence_classification.single_label import SequenceClassification
 from launcher.train.reporting import read_metrics_log
 from launcher.train.run_directory import read_run_summary
 
@@ -39,13 +38,13 @@ def llama_setup(assets, tmp_path, lora: bool):
         assets, tmp_path, model="llama", data={"padding": "packed"}, lora={"enabled": lora, "r": 4, "dropout": 0.0}
     ))
     tokenizer = load_tokenizer(recipe.model)
-    task = SequenceClassification(recipe, tokenizer)
-    train = task.prepare_data(load_splits(recipe.data, task.columns(recipe))).train
+    prepared = prepare_task(recipe, tokenizer)
+    task, train = prepared.task, prepared.data.train
     features = [train[i] for i in range(8)]
     features[0]["input_ids"] = features[0]["input_ids"] + [tokenizer.pad_token_id]  # as a tokenizer appending EOS = pad
     features[0]["attention_mask"] = features[0]["attention_mask"] + [1]
     torch.manual_seed(0)
-    return load_model(recipe, task, tokenizer), features, tokenizer
+    return load_model(recipe, task, tokenizer)[0], features, tokenizer
 
 
 def forward_backward(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:

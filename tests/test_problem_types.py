@@ -12,11 +12,11 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from builders import FILLER, NEGATIVE, POSITIVE, TOPICS, sentiment_rows, rating_rows, topic_rows, write_csv, write_jsonl
+from builders import FILLER, NEGATIVE, POSITIVE, TOPICS, rating_rows, topic_rows, write_csv, write_jsonl
 from conftest import REPO, eval_loss_of, run_in_process, tiny_recipe, write_recipe
-from launcher.data.sources import DataError, load_splits
+from launcher.data.sources import DataError
 from launcher.recipe.loading import RecipeError, load_recipe
-from launcher.tasks import build_task
+from launcher.tasks import prepare_task
 from launcher.tasks.metrics import METRICS
 from launcher.tasks.sequence_classification.multi_label import MultiLabelClassification
 from launcher.tasks.sequence_classification.regression import Regression
@@ -44,10 +44,9 @@ def multi_label_recipe(assets, topic_files, out: Path, columns: bool = False, **
 
 
 def prepared(assets, tmp_path: Path, raw: dict):
-    """(task, tokenized splits): the recipe's task with its data prepared as a run prepares it."""
+    """The recipe's task with its data prepared as a run prepares it (`launcher.tasks.base.Prepared`)."""
     recipe = load_recipe(write_recipe(tmp_path / "prepared.yaml", raw))
-    task = build_task(recipe, AutoTokenizer.from_pretrained(assets["bert"]))
-    return task, task.prepare_data(load_splits(recipe.data, task.columns(recipe)))
+    return prepare_task(recipe, AutoTokenizer.from_pretrained(assets["bert"]))
 
 
 def train(tmp_path: Path, name: str, recipe: dict, *overrides: str) -> Path:
@@ -84,7 +83,7 @@ def test_multi_label_from_lists_and_from_columns_is_the_same_run(tmp_path, asset
 def test_multi_label_threshold_decides_the_predicted_classes(assets, tmp_path, topic_files):
     raw = multi_label_recipe(assets, topic_files, tmp_path / "t")
     raw["task"]["threshold"] = 0.7
-    task, _ = prepared(assets, tmp_path, raw)
+    task = prepared(assets, tmp_path, raw).task
     assert isinstance(task, MultiLabelClassification)
     logits = torch.tensor([[0.0, 1.0, 0.9], [-3.0, 3.0, 0.8]])  # sigmoid: .5 .73 .71 / .05 .95 .69
     assert task.predictions(logits).tolist() == [[0, 1, 1], [0, 1, 0]]
@@ -95,8 +94,8 @@ def test_multi_label_threshold_decides_the_predicted_classes(assets, tmp_path, t
 
 def test_multi_label_balanced_weights_weigh_each_class_positives(assets, tmp_path, topic_files, capsys):
     raw = multi_label_recipe(assets, topic_files, tmp_path / "pw", training={"class_weights": "balanced", "epochs": 1})
-    task, splits = prepared(assets, tmp_path, raw)
-    train = splits.train
+    result = prepared(assets, tmp_path, raw)
+    task, train = result.task, result.data.train
     on = np.asarray(train["labels"]).sum(axis=0)
     assert task.class_weights.tolist() == pytest.approx(((len(train) - on) / on).tolist())
     logits, labels = torch.randn(4, 3), torch.tensor([[1.0, 0, 0], [0, 1, 1], [0, 0, 0], [1, 1, 1]])
@@ -143,7 +142,7 @@ def test_regression_trains_learns_and_exports_a_regression_model(tmp_path, asset
 
 
 def test_regression_prediction_column_is_named_after_the_label(assets, tmp_path, rating_files):
-    task, _ = prepared(assets, tmp_path, regression_recipe(assets, rating_files, tmp_path / "r"))
+    task = prepared(assets, tmp_path, regression_recipe(assets, rating_files, tmp_path / "r")).task
     assert isinstance(task, Regression)
     assert task.prediction_columns(torch.tensor([[1.5], [4.25]])) == {"predicted_score": [1.5, 4.25]}
 
@@ -175,13 +174,13 @@ def weighted_recipe(assets, files, out: Path, weights, **sections) -> dict:
 
 
 def test_balanced_class_weights_follow_scikit_learn_and_weigh_each_example(assets, tmp_path, imbalanced_files):
-    task, splits = prepared(assets, tmp_path, weighted_recipe(assets, imbalanced_files, tmp_path / "w", "balanced"))
-    train = splits.train
+    result = prepared(assets, tmp_path, weighted_recipe(assets, imbalanced_files, tmp_path / "w", "balanced"))
+    task, train = result.task, result.data.train
     counts = np.bincount(train["labels"], minlength=3)
     assert counts[1] == 24
     expected = len(train) / (3 * counts)  # sklearn.utils.class_weight.compute_class_weight("balanced", ...)
     assert task.class_weights.tolist() == pytest.approx(expected.tolist())
-    assert any("class weights (balanced): LABEL_0" in note for note in task.notes)
+    assert any("class weights (balanced): LABEL_0" in note for note in result.notes)
     logits, labels = torch.randn(5, 3), torch.tensor([0, 1, 2, 1, 0])
     unweighted = F.cross_entropy(logits, labels, reduction="none")
     assert task.example_losses(logits, labels) == pytest.approx(unweighted * torch.tensor(expected, dtype=torch.float32)[labels])

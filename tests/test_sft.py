@@ -16,13 +16,14 @@ from builders import sft_rows, write_jsonl
 from conftest import run_in_process, tiny_recipe, write_recipe
 from test_distributed_runs import CPU_DDP, CPU_DEEPSPEED, launch
 from faults import assert_same_weights, final_weights, run_faulty, train_records
-from launcher.data.sources import DataError, load_splits
 from launcher.model.loading import load_model, load_tokenizer
 from launcher.recipe.loading import RecipeError, load_recipe
 from launcher.recipe.schema import Recipe
-from launcher.tasks import build_task
+from launcher.data.sources import DataError
+from launcher.tasks import prepare_task
+from launcher.tasks.base import Prepared
 from launcher.tasks.causal_lm.rendering import IGNORE
-from launcher.tasks.causal_lm.task import packed_sft_batch
+from launcher.tasks.causal_lm.batches import packed_sft_batch
 from launcher.train.reporting import read_metrics_log
 
 FORMATS = {
@@ -46,16 +47,15 @@ def sft_recipe(assets, out: Path, fmt: str = "prompt_completion", **sections) ->
     return recipe
 
 
-def prepared(assets, tmp_path, fmt: str, **sections):
+def prepared(assets, tmp_path, fmt: str, **sections) -> tuple[Recipe, Prepared]:
     recipe = Recipe.model_validate(sft_recipe(assets, tmp_path / "out", fmt, **sections))
-    task = build_task(recipe, load_tokenizer(recipe.model))
-    return recipe, task, task.prepare_data(load_splits(recipe.data, task.columns(recipe)))
+    return recipe, prepare_task(recipe, load_tokenizer(recipe.model))
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_only_the_answer_part_is_trained(assets, tmp_path, fmt):
-    _, task, splits = prepared(assets, tmp_path, fmt)
-    tokenizer = task.tokenizer
+    _, result = prepared(assets, tmp_path, fmt)
+    tokenizer, splits = result.task.tokenizer, result.data
     rows = [json.loads(line) for line in Path(assets["sft_train"]).read_text().splitlines()]
     for row, example in zip(rows, splits.train):
         trained = tokenizer.decode([t for t in example["labels"] if t != IGNORE])
@@ -72,7 +72,7 @@ def test_chat_template_from_the_recipe_is_used_and_exported(assets, tmp_path):
     AutoModelForCausalLM.from_pretrained(assets["chat_llama"]).save_pretrained(plain)
     recipe = sft_recipe(assets, tmp_path / "out", "chat", model={"name_or_path": str(plain)})
     with pytest.raises(DataError, match="no chat template; give one in task.chat_template"):
-        build_task(Recipe.model_validate(recipe), load_tokenizer(Recipe.model_validate(recipe).model))
+        prepare_task(Recipe.model_validate(recipe), load_tokenizer(Recipe.model_validate(recipe).model))
     recipe["task"]["chat_template"] = AutoTokenizer.from_pretrained(assets["chat_llama"]).chat_template
     assert run_in_process(write_recipe(tmp_path / "r.yaml", recipe)) == 0
     assert AutoTokenizer.from_pretrained(tmp_path / "out" / "model").chat_template == recipe["task"]["chat_template"]
@@ -137,8 +137,9 @@ def test_step_loss_is_the_mean_over_all_trained_tokens_of_the_step(assets, tmp_p
 
 def test_packed_rows_keep_examples_apart(assets, tmp_path):
     """Each example's per-token losses in a packed row equal its own unpadded forward's."""
-    recipe, task, splits = prepared(assets, tmp_path, "prompt_completion", data={"padding": "packed"})
-    model = load_model(recipe, task, task.tokenizer).eval()
+    recipe, result = prepared(assets, tmp_path, "prompt_completion", data={"padding": "packed"})
+    task, splits = result.task, result.data
+    model = load_model(recipe, task, task.tokenizer)[0].eval()
     train_collate, _ = task.collators()
     assert train_collate is packed_sft_batch
     features = [splits.train[i] for i in range(6)]
@@ -164,9 +165,8 @@ def test_bad_rows_are_named_by_file_row_and_column(assets, tmp_path, fmt, row, m
     good = sft_rows(3, seed=9)
     bad = write_jsonl(tmp_path / "bad.jsonl", [*good, {**good[0], **row}])
     recipe = Recipe.model_validate(sft_recipe(assets, tmp_path / "out", fmt, data={"train_file": str(bad)}))
-    task = build_task(recipe, load_tokenizer(recipe.model))
     with pytest.raises(DataError, match=re.escape(message)) as caught:
-        task.prepare_data(load_splits(recipe.data, task.columns(recipe)))
+        prepare_task(recipe, load_tokenizer(recipe.model))
     assert str(bad) in str(caught.value)
     if fmt != "labelled":
         assert "row 3" in str(caught.value)
@@ -177,15 +177,14 @@ def test_label_without_a_label_word_is_an_error(assets, tmp_path):
     ids = write_jsonl(tmp_path / "ids.jsonl", rows)
     recipe = Recipe.model_validate(sft_recipe(assets, tmp_path / "out", "labelled",
                                               data={"train_file": str(ids), "eval_file": None, "label_names": None}))
-    task = build_task(recipe, load_tokenizer(recipe.model))
     with pytest.raises(DataError, match="row 2: column 'label' holds 2, which has no label word"):
-        task.prepare_data(load_splits(recipe.data, task.columns(recipe)))
+        prepare_task(recipe, load_tokenizer(recipe.model))
 
 
 def test_truncated_answers_are_dropped_and_counted_or_refused(assets, tmp_path):
-    _, task, splits = prepared(assets, tmp_path, "chat", data={"max_length": 9})
-    dropped = [n for n in task.notes if "dropped" in n]
-    assert len(dropped) == 2 and len(splits.train) < 64
+    _, result = prepared(assets, tmp_path, "chat", data={"max_length": 9})
+    dropped = [n for n in result.notes if "dropped" in n]
+    assert len(dropped) == 2 and len(result.data.train) < 64
     with pytest.raises(DataError, match="lose every trained token"):
         prepared(assets, tmp_path, "chat", data={"max_length": 9}, task={"on_truncated": "fail"})
 

@@ -15,10 +15,9 @@ sys.path.insert(0, str(REPO))  # benchmarks/ is a folder of the repository, not 
 
 from benchmarks.compare import main as compare_main  # noqa: E402
 from benchmarks.trl_baseline import run_baseline  # noqa: E402
-from launcher.data.sources import load_splits# noqa: E402
 from launcher.model.loading import load_tokenizer  # noqa: E402
 from launcher.recipe.loading import load_recipe  # noqa: E402
-from launcher.tasks import build_task  # noqa: E402
+from launcher.tasks import prepare_task  # noqa: E402
 from launcher.tasks.causal_lm.rendering import IGNORE  # noqa: E402
 
 
@@ -31,8 +30,7 @@ def chat_prompt_completion(assets, tmp_path, **sections):
 def launcher_tokens(recipe_path):
     """(real tokens, trained tokens) of the launcher's whole training set."""
     recipe = load_recipe(recipe_path)
-    task = build_task(recipe, load_tokenizer(recipe.model))
-    train = task.prepare_data(load_splits(recipe.data, task.columns(recipe))).train
+    train = prepare_task(recipe, load_tokenizer(recipe.model)).data.train
     return sum(map(len, train["input_ids"])), sum(label != IGNORE for labels in train["labels"] for label in labels[1:])
 
 

@@ -18,11 +18,12 @@ import pytest
 from builders import FILLER, NEGATIVE, POSITIVE, write_jsonl
 from conftest import REPO, run_in_process, tiny_recipe, write_recipe
 from launcher.data.loaders import build_dataloaders
-from launcher.data.sources import DataError, load_splits
+from launcher.data.sources import DataError
 from launcher.model.loading import load_tokenizer
 from launcher.recipe.loading import RecipeError, load_recipe
 from launcher.recipe.schema import Recipe
-from launcher.tasks import build_task
+from launcher.tasks import prepare_task
+from launcher.tasks.base import Prepared
 from launcher.tasks.causal_lm.rendering import IGNORE
 
 MAX_LENGTH = 32
@@ -60,10 +61,9 @@ def labelled_recipe(assets, tmp_path: Path, train: list[dict], eval_rows: list[d
     return recipe
 
 
-def prepare(raw: dict):
+def prepare(raw: dict) -> Prepared:
     recipe = Recipe.model_validate(raw)
-    task = build_task(recipe, load_tokenizer(recipe.model))
-    return task, task.prepare_data(load_splits(recipe.data, task.columns(recipe)))
+    return prepare_task(recipe, load_tokenizer(recipe.model))
 
 
 def ids_of(task, text: str) -> list[int]:
@@ -74,8 +74,8 @@ def trained_text(task, labels: list[int]) -> str:
     return task.tokenizer.decode([t for t in labels if t != IGNORE])
 
 
-def notes_with(task, word: str) -> list[str]:
-    return [note for note in task.notes if word in note]
+def notes_with(result: Prepared, word: str) -> list[str]:
+    return [note for note in result.notes if word in note]
 
 
 @pytest.mark.parametrize("on_truncated", ["drop", "fail"])
@@ -83,7 +83,8 @@ def test_over_long_texts_are_shortened_so_that_instruction_and_answer_fit(assets
     """Single-token answers (one forward scores both): before, the answer span was located on the uncut text and
     the eval crashed with IndexError; rows of train lost their answer and were dropped (or refused)."""
     train, evaluation = review_rows(24, seed=0), review_rows(12, seed=1)
-    task, splits = prepare(labelled_recipe(assets, tmp_path, train, evaluation, task={"on_truncated": on_truncated}))
+    result = prepare(labelled_recipe(assets, tmp_path, train, evaluation, task={"on_truncated": on_truncated}))
+    task, splits = result.task, result.data
     assert (len(splits.train), len(splits.eval)) == (len(train), len(evaluation))
     budget = MAX_LENGTH - AROUND - 1
     for row, example in zip(train, splits.train):
@@ -95,18 +96,19 @@ def test_over_long_texts_are_shortened_so_that_instruction_and_answer_fit(assets
     long_train = sum(len(row["text"].split()) > budget for row in train)
     long_eval = sum(len(row["text"].split()) > budget for row in evaluation)
     assert 0 < long_train < len(train) and long_eval > 0
-    shortened = notes_with(task, "shortened")
+    shortened = notes_with(result, "shortened")
     assert len(shortened) == 2 and f"{long_train} of {len(train)}" in shortened[0] and f"{long_eval} of {len(evaluation)}" in shortened[1]
-    assert not notes_with(task, "dropped")
+    assert not notes_with(result, "dropped")
 
 
 def test_shorten_start_keeps_the_end_of_the_text(assets, tmp_path):
     train = review_rows(8, seed=2, shortest=40)
-    task, splits = prepare(labelled_recipe(assets, tmp_path, train, task={"shorten": "start"}))
+    result = prepare(labelled_recipe(assets, tmp_path, train, task={"shorten": "start"}))
+    task, splits = result.task, result.data
     budget = MAX_LENGTH - AROUND - 1
     for row, example in zip(train, splits.train):
         assert example["input_ids"][2:-5] == ids_of(task, " ".join(row["text"].split()[-budget:]))
-    assert "task.shorten=start" in notes_with(task, "shortened")[0]
+    assert "task.shorten=start" in notes_with(result, "shortened")[0]
 
 
 def test_every_candidate_of_a_row_shares_one_shortened_prompt_and_keeps_its_whole_answer(assets, tmp_path):
@@ -115,7 +117,8 @@ def test_every_candidate_of_a_row_shares_one_shortened_prompt_and_keeps_its_whol
     evaluation = review_rows(10, seed=3, shortest=30)
     raw = labelled_recipe(assets, tmp_path, review_rows(8, seed=4), evaluation,
                           task={"label_words": ["bad film", "very very good film"]})
-    task, splits = prepare(raw)
+    result = prepare(raw)
+    task, splits = result.task, result.data
     assert len(splits.eval) == len(evaluation) and task.class_tokens is None
     budget = MAX_LENGTH - AROUND - 4
     for row, example in zip(evaluation, splits.eval):
@@ -134,7 +137,8 @@ def test_a_text_pair_shortens_the_longer_text_first(assets, tmp_path):
             {"text": review(rng, 50, False), "pair": review(rng, 50, False), "label": 0}]  # both, to equal shares
     raw = labelled_recipe(assets, tmp_path, rows, data={"text_pair_field": "pair"},
                           task={"prompt_template": "review {text} verdict {text_pair} verdict"})
-    task, splits = prepare(raw)
+    result = prepare(raw)
+    task, splits = result.task, result.data
     budget = MAX_LENGTH - AROUND - 1 - 1  # one more <unk> between the texts
     kept = []
     for row, example in zip(rows, splits.train):
@@ -160,12 +164,13 @@ def test_a_template_and_longest_answer_that_fill_max_length_leave_no_row_and_nev
     with pytest.raises(DataError, match=refused):
         prepare(raw)
     raw["data"]["max_length"] = 11
-    task, splits = prepare(raw)
+    result = prepare(raw)
+    task, splits = result.task, result.data
     assert [trained_text(task, example["labels"]) for example in splits.train] == [
         "very very good film <|end|>" if row["label"] else "bad <|end|>" for row in rows]
     assert [len(example["input_ids"]) for example in splits.train] == [11 if row["label"] else 8 for row in rows]
-    assert "shortened the text of 8 of 8 rows" in notes_with(task, "shortened")[0]
-    assert not notes_with(task, "dropped")
+    assert "shortened the text of 8 of 8 rows" in notes_with(result, "shortened")[0]
+    assert not notes_with(result, "dropped")
 
 
 def test_check_and_run_on_over_long_reviews(assets, tmp_path, capsys):
@@ -189,10 +194,11 @@ def test_chat_and_prompt_completion_rows_too_long_are_cut_or_dropped_as_before(a
     raw = labelled_recipe(assets, tmp_path, rows, rows, evaluation={"metrics": []},
                           task={"format": fmt, "prompt_template": None, "label_words": None,
                                 **({"use_chat_template": False} if fmt == "prompt_completion" else {})})
-    task, splits = prepare(raw)
+    result = prepare(raw)
+    splits = result.data
     assert len(splits.train) == 8  # the 4 over-long prompts lose every trained token; long completions are cut
     assert all(len(example["input_ids"]) <= MAX_LENGTH for example in splits.train)
-    assert "dropped 4 of 12 rows" in notes_with(task, "dropped")[0]
+    assert "dropped 4 of 12 rows" in notes_with(result, "dropped")[0]
     assert run_in_process(write_recipe(tmp_path / "r.yaml", raw), "--check") == 0
 
 
@@ -204,8 +210,8 @@ def test_labelled_training_order_keeps_the_class_mix_under_length_grouping(asset
             for i in range(96)]
     raw = labelled_recipe(assets, tmp_path, rows, data={"group_by_length": True}, training={"per_device_batch_size": 8})
     recipe = Recipe.model_validate(raw)
-    task = build_task(recipe, load_tokenizer(recipe.model))
-    tokenized = task.prepare_data(load_splits(recipe.data, task.columns(recipe)))
+    result = prepare_task(recipe, load_tokenizer(recipe.model))
+    task, tokenized = result.task, result.data
     loader, _ = build_dataloaders(tokenized, recipe, *task.collators(), task.class_ids(tokenized.train))
     order = list(loader.sampler)
     positives = [sum(rows[i]["label"] for i in order[start:start + 8]) for start in range(0, len(order), 8)]
@@ -244,11 +250,12 @@ def test_real_smollm2_reviews_longer_than_max_length_keep_their_answer(tmp_path,
            "task": {"type": "causal_lm", "format": "labelled", "system_prompt": "Answer with one word.",
                     "prompt_template": "Rotten Tomatoes review: {text}\nIs this review fresh (positive) or rotten (negative)?",
                     "label_words": label_words}}
-    task, splits = prepare(raw)
+    result = prepare(raw)
+    task, splits = result.task, result.data
     assert (len(splits.train), len(splits.eval)) == (8, 8)
     assert all(len(example["input_ids"]) <= 128 for example in [*splits.train, *splits.eval])
     assert all(trained_text(task, example["labels"]) in [f"{word}<|im_end|>" for word in label_words] for example in splits.train)
-    assert "shortened the text of 8 of 8 rows" in notes_with(task, "shortened")[0]
+    assert "shortened the text of 8 of 8 rows" in notes_with(result, "shortened")[0]
     assert task.tokenizer.decode(splits.train[0]["input_ids"]).endswith(
         "Is this review fresh (positive) or rotten (negative)?<|im_end|>\n<|im_start|>assistant\n"
         f"{label_words[1] if rows[0]['label'] == 'fresh' else label_words[0]}<|im_end|>\n")

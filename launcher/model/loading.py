@@ -78,12 +78,13 @@ def lora_targets(lora: LoraSection, model_type: str) -> list[str]:
     return LORA_TARGETS_BY_ARCHITECTURE[model_type]
 
 
-def load_model(recipe: Recipe, task, tokenizer: PreTrainedTokenizerBase) -> torch.nn.Module:
-    """The task's model class (`launcher.tasks`) with its arguments, the pad token, LoRA and the task's batches.
+def load_model(recipe: Recipe, task, tokenizer: PreTrainedTokenizerBase) -> tuple[torch.nn.Module, list[str]]:
+    """The task's model class (`launcher.tasks`) with its arguments, the pad token, LoRA and the task's batches;
+    and the plan's notes about loading.
 
     Under a ZeRO-3 Accelerator (built before this is called) `from_pretrained` loads inside `deepspeed.zero.Init`:
-    each process materialises only its shard of the weights, never a full copy. The new head goes to the task's
-    plan notes instead of transformers' LOAD REPORT; weights missing from the backbone are still warned about.
+    each process materialises only its shard of the weights, never a full copy. The new head goes to the plan's
+    notes instead of transformers' LOAD REPORT; weights missing from the backbone are still warned about.
     """
     spec = recipe.model
     with load_report_held():
@@ -95,7 +96,7 @@ def load_model(recipe: Recipe, task, tokenizer: PreTrainedTokenizerBase) -> torc
             trust_remote_code=spec.trust_remote_code,
             output_loading_info=True,
         )
-    task.notes += filter(None, [report_loading(model, loading_info, spec.name_or_path)])
+    notes = [note for note in [report_loading(model, loading_info, spec.name_or_path)] if note]
     if is_deepspeed_zero3_enabled():
         keep_used_weight_conversions(model)
     # Decoder classifiers pick the last non-pad token; without pad_token_id they refuse batches > 1.
@@ -107,7 +108,7 @@ def load_model(recipe: Recipe, task, tokenizer: PreTrainedTokenizerBase) -> torc
         if is_deepspeed_zero3_enabled():
             match_adapter_dtype(model)
     task.adapt_model(model)
-    return model
+    return model, notes
 
 
 def keep_used_weight_conversions(model: PreTrainedModel) -> None:

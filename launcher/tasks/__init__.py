@@ -3,12 +3,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
+from launcher.data.sources import Splits, load_splits
 from launcher.recipe.schema import Recipe
-from launcher.tasks.base import Task
+from launcher.tasks.base import PredictingTask, Prepared, Task
 from launcher.tasks.causal_lm.task import CausalLanguageModeling
 from launcher.tasks.sequence_classification.multi_label import MultiLabelClassification
 from launcher.tasks.sequence_classification.regression import Regression
@@ -38,5 +39,16 @@ def exported_task_section(config: PretrainedConfig) -> dict[str, Any]:
     return task.exported_task_section(config)
 
 
-def build_task(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> Task:
-    return task_class(recipe)(recipe, tokenizer)
+def prepare_task(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, splits: Optional[Splits] = None) -> Prepared:
+    """The recipe's task built from its raw splits (read from `recipe.data` unless given), with the tokenized
+    splits and the plan's notes."""
+    task = task_class(recipe)
+    if splits is None:
+        splits = load_splits(recipe.data, task.columns(recipe))
+    return task.prepare(recipe, tokenizer, splits)
+
+
+def predicting_task_class(recipe: Recipe) -> type[PredictingTask] | None:
+    """The recipe's task when `launcher.predict` serves its models, else None."""
+    task = task_class(recipe)
+    return task if issubclass(task, PredictingTask) else None

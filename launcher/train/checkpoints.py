@@ -4,7 +4,8 @@ rotated out only after the new one is committed.
 
 A checkpoint holds Accelerate's `save_state` (model, optimizer, custom objects: the LR scheduler), one
 `rng_state_rank<N>.pt` per rank (Python, NumPy, CPU and accelerator generators, NPU included) and
-`manifest.json` (training position, run identity, library versions, sha256 of every file).
+`manifest.json` (training position, run identity, library versions, sha256 of every file). `checkpoint_state_dict`
+reads the model's full weights back out of one, whichever engine wrote it (`launcher.predict` serves checkpoints).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import os
 import random
 import re
 import shutil
+import tempfile
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,11 +26,18 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.utils import merge_fsdp_weights
+from safetensors.torch import load_file
 
 CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
 NAME_PATTERN = re.compile(r"^step-(\d{8})$")
 RNG_FILE = "rng_state_rank{rank}.pt"
+# What Accelerate's save_state writes for the model: one file, or DeepSpeed's / FSDP's folder of shards.
+CHECKPOINT_WEIGHTS = "model.safetensors"
+DEEPSPEED_TAG = "pytorch_model"
+FSDP_FULL = "pytorch_model_fsdp.bin"
+FSDP_SHARDS = "pytorch_model_fsdp_0"
 VERSIONED_LIBRARIES = ("launcher", "torch", "transformers", "accelerate", "peft", "deepspeed", "torch_npu")
 
 
@@ -272,3 +281,24 @@ def attempt(action: Callable[[], None]) -> Optional[Exception]:
 def describe_write_error(error: BaseException, root: Path) -> str:
     free = shutil.disk_usage(root if root.exists() else root.parent).free
     return f"{type(error).__name__}: {error} ({free / 2**20:.1f} MiB free on that file system)"
+
+
+def checkpoint_state_dict(folder: Path) -> dict[str, torch.Tensor]:
+    """The model's full weights from a checkpoint, whichever way Accelerate's `save_state` wrote them: one
+    safetensors file, DeepSpeed ZeRO shards (gathered into fp32 with DeepSpeed's zero_to_fp32), FSDP's full state
+    dict (`fsdp_state_dict_type: FULL_STATE_DICT`) or its sharded state (merged with Accelerate's
+    `merge_fsdp_weights`)."""
+    if (folder / CHECKPOINT_WEIGHTS).is_file():
+        return load_file(str(folder / CHECKPOINT_WEIGHTS))
+    if (folder / DEEPSPEED_TAG).is_dir():
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=DEEPSPEED_TAG)
+    if (folder / FSDP_FULL).is_file():
+        return torch.load(folder / FSDP_FULL, map_location="cpu", weights_only=True)
+    if (folder / FSDP_SHARDS).is_dir():
+        with tempfile.TemporaryDirectory() as merged:
+            merge_fsdp_weights(str(folder / FSDP_SHARDS), merged)
+            return load_file(str(Path(merged) / CHECKPOINT_WEIGHTS))
+    raise CheckpointError(f"{folder}: none of {CHECKPOINT_WEIGHTS}, {DEEPSPEED_TAG}/ (DeepSpeed), {FSDP_FULL} or {FSDP_SHARDS}/ (FSDP): "
+                       "not a checkpoint of this launcher")

@@ -276,8 +276,9 @@ class TrainingLoop:
         if self.eval_loader is None or self.position.optimizer_step == self.last_eval_step:
             return self.final_metrics  # evaluation.every_steps may already have landed on this epoch end
         self.model.eval()
-        metrics = self.task.evaluate(self.model, self.eval_loader, self.accelerator)
-        self.task.after_evaluation(self.model, self.accelerator, self.position.optimizer_step, Path(self.recipe.output.dir))
+        evaluation = self.task.evaluate(self.model, self.eval_loader, self.accelerator)
+        self.task.report(evaluation, self.model, self.accelerator, self.position.optimizer_step, Path(self.recipe.output.dir))
+        metrics = evaluation.metrics
         self.model.train()
         self.reporter.log("eval", self.position.optimizer_step,
                           {"epoch": self.position.epoch, **metrics, **self.peak_device_memory()})

@@ -30,15 +30,17 @@ class MultiLabelClassification(SequenceClassification):
     def describe(cls, recipe: Recipe) -> str:
         return f"multi-label {texts_of(recipe)}, {recipe.task.num_labels} classes, threshold {recipe.task.threshold:g}"
 
-    def resolve_labels(self, splits: Splits) -> LabelSpace:
-        columns = self.recipe.data.label_columns
+    @classmethod
+    def resolve_labels(cls, recipe: Recipe, splits: Splits) -> LabelSpace:
+        columns = recipe.data.label_columns
         if columns:
             return LabelSpace(list(columns))
-        return resolve_labels(splits, self.recipe.data, self.recipe.task.num_labels, per_row_lists=True)
+        return resolve_labels(splits, recipe.data, recipe.task.num_labels, per_row_lists=True)
 
-    def label_encoder(self) -> LabelEncoder:
+    @classmethod
+    def label_encoder(cls, recipe: Recipe, labels: LabelSpace) -> LabelEncoder:
         """Each row's classes as a multi-hot float vector (BCE's targets)."""
-        columns, field, count = self.recipe.data.label_columns, self.recipe.data.label_field, len(self.labels.names)
+        columns, field, count = recipe.data.label_columns, recipe.data.label_field, len(labels.names)
 
         def from_columns(batch: dict, indices: list[int], origin: str) -> list[list[float]]:
             for column in columns:
@@ -49,21 +51,22 @@ class MultiLabelClassification(SequenceClassification):
 
         def from_lists(batch: dict, indices: list[int], origin: str) -> list[list[float]]:
             encoded = []
-            for row, labels in zip(indices, batch[field]):
-                ids = [class_id(label, self.labels) for label in labels or []]
+            for row, row_labels in zip(indices, batch[field]):
+                ids = [class_id(label, labels) for label in row_labels or []]
                 if None in ids:
-                    raise DataError(f"{origin}: column {field!r} row {row} holds {labels!r}: ids must be in [0, {count})")
+                    raise DataError(f"{origin}: column {field!r} row {row} holds {row_labels!r}: ids must be in [0, {count})")
                 encoded.append([float(i in ids) for i in range(count)])
             return encoded
 
         return from_columns if columns else from_lists
 
-    def balanced_weights(self, train: datasets.Dataset) -> list[float]:
+    @classmethod
+    def balanced_weights(cls, labels: LabelSpace, targets: np.ndarray) -> list[float]:
         """Per class, its negative examples / its positive ones (the usual `pos_weight`): a class on in 2% of the
         examples weighs its positives 49x, so that predicting it never stops being the cheap way out."""
-        on = np.asarray(train.with_format("numpy")["labels"]).sum(axis=0)
-        off = len(train) - on
-        degenerate = [name for name, positives, negatives in zip(self.labels.names, on, off) if not positives or not negatives]
+        on = targets.sum(axis=0)
+        off = len(targets) - on
+        degenerate = [name for name, positives, negatives in zip(labels.names, on, off) if not positives or not negatives]
         if degenerate:
             raise DataError(f"training.class_weights=balanced: class(es) {degenerate} are on in no or in every training example")
         return (off / on).tolist()

@@ -17,6 +17,7 @@ from transformers import PretrainedConfig
 from launcher.data.labels import LabelEncoder, LabelSpace
 from launcher.data.sources import DataError, Splits
 from launcher.recipe.schema import Recipe
+from launcher.tasks.base import Evaluation
 from launcher.tasks.metrics import compute_metrics, write_regression_png
 from launcher.tasks.sequence_classification.single_label import SequenceClassification, texts_of
 
@@ -37,15 +38,17 @@ class Regression(SequenceClassification):
     def describe(cls, recipe: Recipe) -> str:
         return f"regression on {texts_of(recipe)}"
 
-    def resolve_labels(self, splits: Splits) -> LabelSpace:
-        field = self.recipe.data.label_field
+    @classmethod
+    def resolve_labels(cls, recipe: Recipe, splits: Splits) -> LabelSpace:
+        field = recipe.data.label_field
         for dataset, origin in ((splits.train, splits.train_origin), (splits.eval, splits.eval_origin)):
             if dataset is not None and not getattr(dataset.features[field], "dtype", "").startswith(("float", "int")):
                 raise DataError(f"{origin}: column {field!r} holds {dataset.features[field]}; regression labels are numbers")
         return LabelSpace([field])
 
-    def label_encoder(self) -> LabelEncoder:
-        field = self.recipe.data.label_field
+    @classmethod
+    def label_encoder(cls, recipe: Recipe, labels: LabelSpace) -> LabelEncoder:
+        field = recipe.data.label_field
 
         def encode(batch: dict, indices: list[int], origin: str) -> list[float]:
             bad = [row for row, value in zip(indices, batch[field]) if value is None or not math.isfinite(value)]
@@ -71,11 +74,13 @@ class Regression(SequenceClassification):
         return {f"predicted_{self.labels.names[0]}": self.predictions(logits).tolist()}
 
     def score(self, predictions: np.ndarray, references: np.ndarray) -> dict[str, Any]:
-        self.report = {}  # no classes
-        self.scored = (predictions, references)
         return compute_metrics(self.recipe.metric_names, predictions, references)
 
-    def after_evaluation(self, model: torch.nn.Module, accelerator: Accelerator, step: int, run_dir: Path) -> None:
+    def summary(self, evaluation: Evaluation) -> str:
+        return ""  # no classes to tabulate
+
+    def report(self, evaluation: Evaluation, model: torch.nn.Module, accelerator: Accelerator, step: int,
+               run_dir: Path) -> None:
         """Predicted against true values as a PNG (the per-class report's counterpart)."""
         if accelerator.is_main_process:
-            write_regression_png(*self.scored, self.labels.names[0], run_dir / REGRESSION_PNG)
+            write_regression_png(*evaluation.scored, self.labels.names[0], run_dir / REGRESSION_PNG)

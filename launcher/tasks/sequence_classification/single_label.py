@@ -18,16 +18,17 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from peft import TaskType
 from torch.utils.data import DataLoader
-from transformers import AutoModelForSequenceClassification, PretrainedConfig
+from tqdm.auto import tqdm
+from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, PretrainedConfig, PreTrainedTokenizerBase
 
 from launcher.data.labels import LabelEncoder, LabelSpace, class_id_encoder, labelled_text_columns, resolve_labels
 from launcher.data.sources import DataError, Splits
 from launcher.recipe.schema import Recipe
-from launcher.tasks.base import Batch, Collator, Task
+from launcher.tasks.base import Batch, Collator, Evaluation, PredictingTask, Prepared
 from launcher.tasks.metrics import compute_metrics, per_class_report, per_class_table, write_confusion_png
 from launcher.tasks.sequence_classification.batches import PackedCollator, build_collator
 from launcher.tasks.sequence_classification.packing import enable_packed_batches
-from launcher.tasks.sequence_classification.tokenization import tokenize_splits
+from launcher.tasks.sequence_classification.tokenization import tokenize_splits, tokenize_texts
 
 
 CONFUSION_PNG = "confusion.png"
@@ -42,20 +43,15 @@ def model_inputs(batch: Batch) -> Batch:
     return {name: value for name, value in batch.items() if name != "labels"}
 
 
-class SequenceClassification(Task):
+class SequenceClassification(PredictingTask):
     model_class = AutoModelForSequenceClassification
     peft_task_type = TaskType.SEQ_CLS  # peft keeps the new head (`classifier` / `score`) trainable and saves it
     problem_type = "single_label"
     hf_problem_type = "single_label_classification"
     """`config.problem_type` of the exported model, so transformers' own loss and pipelines treat it alike."""
-
-    labels: LabelSpace
-    class_weights: Optional[torch.Tensor] = None
     weights_meaning = "class weights"
     """What `training.class_weights` weigh, for the plan."""
-
     output_files = (CONFUSION_PNG,)
-    serves_predictions = True
 
     @classmethod
     def exported_task_section(cls, config: PretrainedConfig) -> dict[str, Any]:
@@ -74,33 +70,42 @@ class SequenceClassification(Task):
     def planned_config(cls, recipe: Recipe) -> dict[str, Any]:
         return {"num_labels": recipe.task.head_outputs}
 
-    def prepare_data(self, splits: Splits) -> Splits:
-        self.labels = self.resolve_labels(splits)
-        tokenized = tokenize_splits(splits, self.recipe.data, self.tokenizer, self.label_encoder())
-        self.set_class_weights(tokenized.train)
-        return tokenized
+    @classmethod
+    def prepare(cls, recipe: Recipe, tokenizer: PreTrainedTokenizerBase, splits: Splits) -> Prepared:
+        labels = cls.resolve_labels(recipe, splits)
+        tokenized = tokenize_splits(splits, recipe.data, tokenizer, cls.label_encoder(recipe, labels))
+        weights = cls.loss_weights(recipe, labels, tokenized.train.with_format("numpy")["labels"])
+        notes = [] if weights is None else [cls.weights_note(recipe, labels, weights)]
+        return Prepared(cls(recipe, tokenizer, labels, weights), tokenized, notes)
 
-    def resolve_labels(self, splits: Splits) -> LabelSpace:
-        """The output names in id order (classes; the predicted quantity for regression)."""
-        return resolve_labels(splits, self.recipe.data, self.recipe.task.num_labels)
+    @classmethod
+    def resolve_labels(cls, recipe: Recipe, splits: Splits) -> LabelSpace:
+        return resolve_labels(splits, recipe.data, recipe.task.num_labels)
 
-    def label_encoder(self) -> LabelEncoder:
-        return class_id_encoder(self.recipe.data, self.labels)
+    @classmethod
+    def label_encoder(cls, recipe: Recipe, labels: LabelSpace) -> LabelEncoder:
+        return class_id_encoder(recipe.data, labels)
 
-    def set_class_weights(self, train: datasets.Dataset) -> None:
-        """`training.class_weights`: `balanced` from the training set's class counts, or the recipe's list."""
-        wanted = self.recipe.training.class_weights
+    @classmethod
+    def loss_weights(cls, recipe: Recipe, labels: LabelSpace, targets: np.ndarray) -> Optional[torch.Tensor]:
+        """`training.class_weights`: `balanced` from the training targets' class counts, or the recipe's list."""
+        wanted = recipe.training.class_weights
         if wanted is None:
-            return
-        weights = self.balanced_weights(train) if wanted == "balanced" else wanted
-        self.class_weights = torch.tensor(weights, dtype=torch.float32)
-        listed = ", ".join(f"{name} {weight:.3g}" for name, weight in zip(self.labels.names, weights))
-        self.notes.append(f"{self.weights_meaning} ({'balanced' if wanted == 'balanced' else 'recipe'}): {listed}")
+            return None
+        weights = cls.balanced_weights(labels, np.asarray(targets)) if wanted == "balanced" else wanted
+        return torch.tensor(weights, dtype=torch.float32)
 
-    def balanced_weights(self, train: datasets.Dataset) -> list[float]:
+    @classmethod
+    def weights_note(cls, recipe: Recipe, labels: LabelSpace, weights: torch.Tensor) -> str:
+        listed = ", ".join(f"{name} {weight:.3g}" for name, weight in zip(labels.names, weights.tolist()))
+        origin = "balanced" if recipe.training.class_weights == "balanced" else "recipe"
+        return f"{cls.weights_meaning} ({origin}): {listed}"
+
+    @classmethod
+    def balanced_weights(cls, labels: LabelSpace, targets: np.ndarray) -> list[float]:
         """scikit-learn's `balanced`: examples / (classes x examples of the class)."""
-        counts = np.bincount(train.with_format("numpy")["labels"], minlength=len(self.labels.names))
-        empty = [name for name, count in zip(self.labels.names, counts) if not count]
+        counts = np.bincount(targets, minlength=len(labels.names))
+        empty = [name for name, count in zip(labels.names, counts) if not count]
         if empty:
             raise DataError(f"training.class_weights=balanced: class(es) {empty} have no training examples")
         return (counts.sum() / (len(counts) * counts)).tolist()
@@ -140,9 +145,23 @@ class SequenceClassification(Task):
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         return logits.float().softmax(dim=-1)
 
+    @torch.no_grad()
+    def logits(self, model: torch.nn.Module, dataset: datasets.Dataset, batch_size: int, device: torch.device) -> torch.Tensor:
+        """Batches run longest first, each padded to its longest row."""
+        encoded = tokenize_texts(dataset.to_dict(), self.recipe.data, self.tokenizer, padding=False)
+        rows = [dict(zip(encoded.keys(), values)) for values in zip(*encoded.values())]
+        order = sorted(range(len(rows)), key=lambda i: -len(rows[i]["input_ids"]))
+        collate = DataCollatorWithPadding(self.tokenizer)
+        logits: list[Optional[torch.Tensor]] = [None] * len(rows)
+        for start in tqdm(range(0, len(order), batch_size), desc="predicting", unit="batch"):
+            chosen = order[start:start + batch_size]
+            batch = {name: tensor.to(device) for name, tensor in collate([rows[i] for i in chosen]).items()}
+            for index, row_logits in zip(chosen, model(**model_inputs(batch)).logits.float().cpu()):
+                logits[index] = row_logits
+        return torch.stack(logits)
+
     def prediction_columns(self, logits: torch.Tensor) -> dict[str, list]:
-        """`launcher.predict`'s output columns for a batch: the predicted class's name and id and every class's
-        probability."""
+        """The predicted class's name and id and every class's probability."""
         ids = self.predictions(logits).tolist()
         return {"predicted_label": [self.labels.names[i] for i in ids], "predicted_id": ids,
                 **self.probability_columns(logits)}
@@ -151,25 +170,33 @@ class SequenceClassification(Task):
         probabilities = self.probabilities(logits).cpu()
         return {f"probability_{name}": probabilities[:, i].tolist() for i, name in enumerate(self.labels.names)}
 
-    def evaluate(self, model: torch.nn.Module, loader: DataLoader, accelerator: Accelerator) -> dict[str, Any]:
-        losses, predictions, references = [], [], []
+    def evaluate(self, model: torch.nn.Module, loader: DataLoader, accelerator: Accelerator) -> Evaluation:
+        logits, targets = [], []
         for batch in loader:
-            logits = model(**model_inputs(batch)).logits
-            logits, labels = accelerator.gather_for_metrics((logits, batch["labels"]))
-            losses.append(self.example_losses(logits, labels).cpu())
-            predictions.append(self.predictions(logits).cpu())
-            references.append(labels.cpu())
-        predictions, references = torch.cat(predictions).numpy(), torch.cat(references).numpy()
-        return {"loss": float(torch.cat(losses).mean()), **self.score(predictions, references), "examples": len(references)}
+            gathered = accelerator.gather_for_metrics((model(**model_inputs(batch)).logits, batch["labels"]))
+            logits.append(gathered[0].float().cpu())
+            targets.append(gathered[1].cpu())
+        return self.score_logits(torch.cat(logits), torch.cat(targets))
+
+    def score_logits(self, logits: torch.Tensor, targets: torch.Tensor) -> Evaluation:
+        predictions, references = self.predictions(logits).numpy(), targets.numpy()
+        metrics = {"loss": float(self.example_losses(logits, targets).mean()), **self.score(predictions, references),
+                   "examples": len(references)}
+        return Evaluation(metrics, (predictions, references))
 
     def score(self, predictions: np.ndarray, references: np.ndarray) -> dict[str, Any]:
-        """The recipe's metrics and the per-class report (kept for `after_evaluation`)."""
-        self.report = per_class_report(predictions, references, self.labels.names)
-        return {**compute_metrics(self.recipe.metric_names, predictions, references), **self.report}
+        """The recipe's metrics and the per-class report."""
+        return {**compute_metrics(self.recipe.metric_names, predictions, references),
+                **per_class_report(predictions, references, self.labels.names)}
 
-    def after_evaluation(self, model: torch.nn.Module, accelerator: Accelerator, step: int, run_dir: Path) -> None:
-        """The per-class table in the log (a collapse to one class is named) and the confusion matrix as a PNG."""
+    def summary(self, evaluation: Evaluation) -> str:
+        """The per-class table (a collapse to one class is named)."""
+        return per_class_table(evaluation.metrics)
+
+    def report(self, evaluation: Evaluation, model: torch.nn.Module, accelerator: Accelerator, step: int,
+               run_dir: Path) -> None:
+        """The per-class table in the log and the confusion matrix as a PNG."""
         if accelerator.is_main_process:
-            accelerator.print(per_class_table(self.report), end="")
-            if "confusion" in self.report:
-                write_confusion_png(self.report["confusion"], self.labels.names, run_dir / CONFUSION_PNG)
+            accelerator.print(self.summary(evaluation), end="")
+            if "confusion" in evaluation.metrics:
+                write_confusion_png(evaluation.metrics["confusion"], self.labels.names, run_dir / CONFUSION_PNG)

@@ -14,20 +14,21 @@ from launcher.data.sources import DataError, Splits
 from launcher.recipe.schema import DataSection
 
 
+def tokenize_texts(batch: dict, data: DataSection, tokenizer: PreTrainedTokenizerBase, padding: bool) -> dict:
+    """A batch of rows' texts (and pairs) as token ids truncated to `data.max_length`; with `padding`, padded to
+    it as `data.padding: max_length` asks (training batches), else left for the collator to pad."""
+    pair = batch[data.text_pair_field] if data.text_pair_field else None
+    return tokenizer(batch[data.text_field], pair, truncation=True, max_length=data.max_length,
+                     padding="max_length" if padding and data.padding == "max_length" else False)
+
+
 def tokenize_splits(splits: Splits, data: DataSection, tokenizer: PreTrainedTokenizerBase, encode_labels: LabelEncoder) -> Splits:
     """Batched, cached `map`: input ids truncated to `max_length`, the task's label encoding in a `labels` column."""
     text_fields = [data.text_field] + ([data.text_pair_field] if data.text_pair_field else [])
 
     def encode(batch: dict, indices: list[int], origin: str) -> dict:
         check_texts(batch, text_fields, indices, origin)
-        pair = batch[data.text_pair_field] if data.text_pair_field else None
-        encoded = tokenizer(
-            batch[data.text_field],
-            pair,
-            truncation=True,
-            max_length=data.max_length,
-            padding="max_length" if data.padding == "max_length" else False,
-        )
+        encoded = tokenize_texts(batch, data, tokenizer, padding=True)
         encoded["labels"] = encode_labels(batch, indices, origin)
         return encoded
 
