@@ -6,55 +6,25 @@
     python -m launcher.submit recipes/demo.yaml --cpus-per-task 2 training.epochs=1 --dry-run
     python -m launcher.submit recipes/demo.yaml --nodes 2 --cpu-processes-per-node 1   # DDP over gloo, no GPUs
 
-Every recipe (each sweep task's too) is validated before anything is rendered, the cluster is asked whether it
-can hold the job, then the script and the frozen recipes are written next to the outputs and sbatch is called.
-Overrides (`section.key=value`) are the same as `launcher/run.py`'s.
+The command line of launcher/cluster/submission.py: every recipe (each sweep task's too) is validated before
+anything is rendered, the cluster is asked whether it can hold the job, then the script and the frozen recipes are
+written next to the outputs and sbatch is called. Overrides (`section.key=value`) are the same as `launcher/run.py`'s.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from launcher.cluster.slurm import (
-    SLURM_FILES,
-    BatchJob,
-    Resources,
-    SlurmError,
-    check_cluster,
-    render_script,
-    sbatch,
-    time_limit_seconds,
-)
-from launcher.recipe.loading import RecipeError, load_recipe
-from launcher.recipe.schema import Recipe
-from launcher.sweep import SweepError, SweepTask, expand, write_manifest
-from launcher.train.run_directory import RunDirectoryError, check_run_directory, recipe_yaml
+from launcher.cluster.slurm import Resources, SlurmError, render_script, time_limit_seconds
+from launcher.cluster.submission import Request, Submission, plan, submit
+from launcher.cluster.sweeps import SweepError
+from launcher.recipe.loading import RecipeError
+from launcher.train.run_directory import RunDirectoryError
 
-DEFAULT_ACCELERATE_CONFIG = {"gpu": "accelerate_configs/multi_node.yaml", "npu": "accelerate_configs/npu_ddp.yaml",
-                             "cpu": "accelerate_configs/multi_node.yaml"}  # CPU processes: torchrun, gloo
-RUN_SCRIPT = Path(__file__).resolve().with_name("run.py")
-FROZEN_RECIPE = "recipe.yaml"
 USER_ERRORS = (RecipeError, RunDirectoryError, SlurmError, SweepError)
-
-
-@dataclass
-class Submission:
-    """The validated job: its script inputs, and one recipe and run directory per task."""
-
-    job: BatchJob
-    root: Path
-    tasks: list[SweepTask]
-    recipes: list[Recipe]
-    run_dirs: list[Path]
-
-    @property
-    def script_path(self) -> Path:
-        return self.root / SLURM_FILES / "job.sbatch"
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
@@ -132,68 +102,6 @@ def resources_from(args: argparse.Namespace) -> Resources:
                      args.account, args.qos, args.mem)
 
 
-def load_task_recipes(args: argparse.Namespace, tasks: list[SweepTask], root: str) -> list[Recipe]:
-    """Each task's recipe, output dir included; every task's problems are gathered into one error."""
-    recipes, problems = [], []
-    for task in tasks:
-        # JSON quoting keeps the folder a YAML string whatever the swept values look like.
-        output_dir = "output.dir=" + json.dumps(str(Path(root) / task.slug))
-        try:
-            recipes.append(load_recipe(args.recipe, [*args.overrides, *task.overrides, output_dir]))
-        except RecipeError as err:
-            problems += [f"array task {task.index} ({' '.join(task.overrides)}): {p}" for p in err.problems]
-    if problems:
-        raise RecipeError(args.recipe, problems)
-    return recipes
-
-
-def accelerate_config(args: argparse.Namespace, resources: Resources) -> Optional[Path]:
-    default = None if resources.single_cpu_process else Path(DEFAULT_ACCELERATE_CONFIG[resources.device])
-    path = args.accelerate_config or default
-    if path is not None and not path.is_file():
-        raise SlurmError(f"accelerate config {path} not found: pass --accelerate-config PATH")
-    return path.resolve() if path is not None else None
-
-
-def plan(args: argparse.Namespace) -> Submission:
-    """Validate everything that can be checked without the cluster and assemble the job."""
-    base = load_recipe(args.recipe, args.overrides)
-    tasks = expand(args.array) if args.array else []
-    recipes = load_task_recipes(args, tasks, base.output.dir) if tasks else [base]
-    for recipe in recipes:
-        check_run_directory(recipe)
-    root = Path(base.output.dir).resolve()
-    resources = resources_from(args)
-    run_dirs = [Path(recipe.output.dir).resolve() for recipe in recipes]
-    job = BatchJob(
-        name=args.job_name or Path(args.recipe).stem,
-        resources=resources,
-        run_recipes=[run_dir / SLURM_FILES / FROZEN_RECIPE for run_dir in run_dirs],
-        array=bool(tasks),
-        log_dir=root / SLURM_FILES / "logs",
-        workdir=Path.cwd(),
-        python=sys.executable,
-        run_script=RUN_SCRIPT,
-        accelerate_config=accelerate_config(args, resources),
-        signal_seconds=args.signal_time,
-        collective_timeout_s=max(recipe.training.collective_timeout_s for recipe in recipes),
-        max_running=args.max_running,
-        env=dict(entry.split("=", 1) for entry in args.env),
-    )
-    return Submission(job, root, tasks, recipes, run_dirs)
-
-
-def write_files(submission: Submission, script: str) -> None:
-    """The script, the log folder, each task's frozen recipe and a sweep's task list, next to the outputs."""
-    submission.job.log_dir.mkdir(parents=True, exist_ok=True)
-    submission.script_path.write_text(script, encoding="utf-8")
-    for recipe, path in zip(submission.recipes, submission.job.run_recipes):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(recipe_yaml(recipe), encoding="utf-8")
-    if submission.tasks:
-        write_manifest(submission.root, submission.tasks, submission.run_dirs)
-
-
 def report(submission: Submission, job_id: str, partition: str) -> None:
     job = submission.job
     what = f"job array of {len(submission.tasks)} tasks" if job.array else "batch job"
@@ -208,22 +116,21 @@ def report(submission: Submission, job_id: str, partition: str) -> None:
         print(f"  results : python -m launcher.sweep {submission.root}")
 
 
-def submit(submission: Submission, script: str) -> None:
-    partition = check_cluster(submission.job.resources)
-    write_files(submission, script)
-    job_id = sbatch(submission.script_path)
-    report(submission, job_id, partition)
+def request_from(args: argparse.Namespace) -> Request:
+    return Request(args.recipe, args.overrides, resources_from(args), args.array, args.max_running, args.job_name,
+                   args.accelerate_config, args.signal_time, dict(entry.split("=", 1) for entry in args.env))
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     try:
-        submission = plan(args)
+        submission = plan(request_from(args))
         script = render_script(submission.job)
         if args.dry_run:
             print(script, end="")
             return 0
-        submit(submission, script)
+        partition, job_id = submit(submission, script)
+        report(submission, job_id, partition)
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -1,21 +1,25 @@
-"""Shared fixtures: tiny saved models, small data, and ways to run the real entry point."""
+"""Shared fixtures: tiny saved models and small data, built once; the helpers that use them are in support/.
+
+The test folders follow the product: unit/ (one module's behaviour, no training run), integration/ (real runs of
+the entry points, in this process or as a user runs them, one or more processes), cluster/ (a real Slurm
+cluster brought up on this machine), device/ (the accelerator kit, and tests that need a CUDA GPU).
+pyproject.toml puts support/ on the import path (`from recipes import tiny_recipe`).
+"""
 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
-import yaml
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from builders import build_tiny_bert, build_tiny_llama, sentiment_rows, sft_rows, write_csv, write_jsonl  # noqa: E402
+from faults import restore_signal_handlers  # noqa: F401 (a fixture, for every folder)
+from slurm_cluster import slurm_cluster  # noqa: F401 (a fixture, for every folder)
+from builders import build_tiny_bert, build_tiny_llama, sentiment_rows, sft_rows, write_csv, write_jsonl
+from recipes import write_run
+from runs import run_cli
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -40,58 +44,20 @@ def assets(tmp_path_factory) -> dict[str, Path]:
     }
 
 
-def tiny_recipe(assets: dict[str, Path], out: Path, model: str = "bert", **sections: dict[str, Any]) -> dict[str, Any]:
-    """A small valid recipe as a dict; `sections` are merged over the defaults section by section."""
-    recipe: dict[str, Any] = {
-        "model": {"name_or_path": str(assets[model])},
-        "data": {"train_file": str(assets["train_csv"]), "eval_file": str(assets["eval_csv"]), "max_length": 64},
-        "task": {"num_labels": 2},
-        "training": {"epochs": 2, "per_device_batch_size": 8, "lr": 1e-3, "log_every_steps": 1},
-        "evaluation": {"metrics": ["accuracy", "f1"]},
-        "output": {"dir": str(out), "report_to": "none"},
-    }
-    for name, values in sections.items():
-        recipe[name] = {**recipe.get(name, {}), **values}
-    return recipe
+@pytest.fixture(scope="module")
+def start_model(assets, tmp_path_factory) -> dict[str, Path]:
+    """The tiny dropout-free BERT saved with a seeded 2-label head; returned as an `assets` dict for tiny_recipe."""
+    folder = tmp_path_factory.mktemp("bert_with_head")
+    torch.manual_seed(0)
+    AutoModelForSequenceClassification.from_pretrained(assets["bert_no_dropout"], num_labels=2).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(assets["bert_no_dropout"]).save_pretrained(folder)
+    return {**assets, "start": folder}
 
 
-def write_recipe(path: Path, recipe: dict[str, Any]) -> Path:
-    path.write_text(yaml.safe_dump(recipe))
-    return path
-
-
-def run_in_process(recipe_path: Path, *overrides: str) -> int:
-    """The real entry point (`launcher.run.main`) in this process; Accelerate's singletons are reset first."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    from launcher.run import main
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    return main([str(recipe_path), *overrides])
-
-
-def run_cli(*args: str, env: dict[str, str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    """`python launcher/run.py ...` in a fresh process, as a user runs it."""
-    return subprocess.run(
-        [sys.executable, str(REPO / "launcher" / "run.py"), *args],
-        cwd=REPO, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=timeout,
-    )
-
-
-@torch.no_grad()
-def eval_loss_of(model: torch.nn.Module, run_dir: Path) -> float:
-    """Mean eval cross-entropy of `model` on the run's eval set, tokenized as the run did."""
-    from transformers import AutoTokenizer, DataCollatorWithPadding
-
-    from launcher.tasks import prepare_task
-    from launcher.recipe.loading import load_recipe
-
-    recipe = load_recipe(run_dir / "recipe.resolved.yaml")
-    tokenizer = AutoTokenizer.from_pretrained(recipe.model.name_or_path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenized = prepare_task(recipe, tokenizer).data.eval
-    batch = DataCollatorWithPadding(tokenizer)([tokenized[i] for i in range(len(tokenized))])
-    model.eval()
-    return float(model(**batch).loss)
+@pytest.fixture(scope="module")
+def one_process(start_model, tmp_path_factory) -> Path:
+    """The reference: one process, 4 per device x 2 accumulation = global batch 8 (8 optimizer steps)."""
+    folder = tmp_path_factory.mktemp("one_process")
+    result = run_cli(str(write_run(folder, start_model, per_device=4, accumulation=2)))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return folder / "out"

@@ -178,7 +178,7 @@ def summary_markdown(report: dict[str, Any]) -> str:
              f"- device: {env.get('device')}; torch CUDA {env.get('torch_cuda')}; python {env.get('python')}",
              f"- nvidia-smi: `{env.get('nvidia_smi')}`",
              "- libraries: " + ", ".join(f"{k} {v.split(' ')[0]}" for k, v in env.get("libraries", {}).items()), "",
-             "## CUDA tests (`pytest -m cuda tests/test_cuda.py`)", ""]
+             "## CUDA tests (`pytest -m cuda tests/device/test_cuda.py`)", ""]
     if "error" in tests:
         lines.append(tests["error"])
     else:

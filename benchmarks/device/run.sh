@@ -9,7 +9,7 @@
 # timeout_s 540. On any CUDA machine with network: skip the wheels (pip install -e ".[deepspeed,bench,test]") and
 # run it with OUT=folder. Stages, each under the time guard (KIT_BUDGET_S, default 470 s from the start):
 #   1. install the carried wheels (--no-index, into /tmp/kit-site), print GPU, driver, libraries, free memory
-#   2. the CUDA tests: pytest -m cuda tests/test_cuda.py (at most KIT_TEST_BUDGET_S, default 170 s)
+#   2. the CUDA tests: pytest -m cuda tests/device/test_cuda.py (at most KIT_TEST_BUDGET_S, default 170 s)
 #   3. benchmarks.compare: BERT-base seq 128 bf16 against both tutorials and the deferred-sync loop; Llama-3-8B
 #      shape with LoRA at seq 512 in bf16, as a classifier and as SFT (python -m benchmarks.device.kit benchmarks;
 #      a benchmark that would not finish before the guard is skipped and says so)
@@ -62,7 +62,7 @@ guarded 90 "$PYTHON" -m benchmarks.device.kit environment --out "$STAGE_DIR"
 status=0
 if [[ " $STAGES " == *" tests "* ]]; then
     seconds=$(left); [ "$TEST_BUDGET" -lt "$seconds" ] && seconds=$TEST_BUDGET
-    guarded "$seconds" "$PYTHON" -m pytest -m cuda tests/test_cuda.py -p no:cacheprovider -q -o junit_family=xunit1 \
+    guarded "$seconds" "$PYTHON" -m pytest -m cuda tests/device/test_cuda.py -p no:cacheprovider -q -o junit_family=xunit1 \
         --junitxml="$STAGE_DIR/pytest-cuda.xml" || status=1
 fi
 if [[ " $STAGES " == *" benchmarks "* ]]; then

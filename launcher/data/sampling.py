@@ -4,7 +4,7 @@ Plain length grouping (transformers' `get_length_grouped_indices`, the Trainer's
 sorts megabatches of up to 50 batches by length. Where length says something about the label (short messages whose
 positive class is longer), that sort is also a sort by label: the minority class gathers in the few longest batches
 of each megabatch and most batches hold none of it (47 of 75 batches on 600 real messages against 22 of 75 in random
-order; 52 of 75 against 30 on tests/test_sampling.py's synthetic set). Shuffling the batches afterwards does not
+order; 52 of 75 against 30 on tests/unit/test_sampling.py's synthetic set). Shuffling the batches afterwards does not
 change what they hold, and smaller sort windows do not help: a window of 2 batches still sorts the pair by label.
 Every majority-only batch pulls all predictions towards the majority class, and there are more of them than of any
 other kind of step; a decoder LoRA run ended predicting that class only, where the same runs without grouping learned.

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # start-slurm.sh -- install (Debian 12 packages) and start a Slurm test cluster
 # (slurmctld + one slurmd per node) without systemd, for the launcher's Slurm tests
-# (tests/slurm_cluster.py). Adapted from the team's shared notes; no accounting
+# (tests/support/slurm_cluster.py). Adapted from the team's shared notes; no accounting
 # daemon: the tests poll `scontrol show job`, they need no sacct.
 # Must run as root. Idempotent enough to be re-run after stop-slurm.sh.
 #

@@ -22,7 +22,7 @@ from launcher.model.loading import ModelError
 from launcher.recipe.schema import Recipe
 
 # Decoders whose sequence classifier is a backbone plus a `score` head classifying the last non-pad token, and whose
-# attention keeps packed examples apart given `position_ids` and no mask: tests/test_packing.py checks each one.
+# attention keeps packed examples apart given `position_ids` and no mask: tests/integration/test_packing.py checks each one.
 PACKED_ARCHITECTURES = ("gemma", "gemma2", "gemma3_text", "llama", "mistral", "mixtral", "phi3", "qwen2", "qwen3")
 
 
