@@ -37,7 +37,7 @@ from launcher.plan.memory import Topology, load_topology
 from launcher.plan.preflight import RunPlan, check_recipe
 from launcher.recipe.loading import RecipeError, load_recipe
 from launcher.recipe.schema import Recipe
-from launcher.tasks import prepare_task
+from launcher.tasks import prepare_task_once
 from launcher.train.checkpoints import CheckpointError, Checkpointer, TrainPosition
 from launcher.train.curves import write_curves
 from launcher.train.loop import CollectiveError, NonFiniteLossError, TrainingLoop
@@ -113,16 +113,17 @@ def setup(recipe: Recipe) -> Session:
     name_deepspeed_accelerator(device)
     precision = resolve_precision(device, recipe.training.precision, recipe.training.precision_fallback)
     check_run_directory(recipe)
+    tokenizer = load_tokenizer(recipe.model)
+    check_max_length(recipe, tokenizer)
+    # Before the process group exists: a rank waiting for another's tokenization waits on a file lock, not
+    # inside a collective that training.collective_timeout_s would end.
+    prepared, preparation = prepare_task_once(recipe, tokenizer)
     accelerator = build_accelerator(recipe, precision, device)
     run_dir = prepare_run_directory(recipe, accelerator.is_main_process)
     if accelerator.log_with:
         accelerator.init_trackers("launcher")
     set_seed(recipe.training.seed)
 
-    tokenizer = load_tokenizer(recipe.model)
-    check_max_length(recipe, tokenizer)
-    with accelerator.main_process_first():
-        prepared = prepare_task(recipe, tokenizer)
     task, tokenized = prepared.task, prepared.data
     train_loader, eval_loader = build_dataloaders(tokenized, recipe, *task.collators(), task.class_ids(tokenized.train))
     model, load_notes = load_model(recipe, task, tokenizer)
@@ -153,7 +154,7 @@ def setup(recipe: Recipe) -> Session:
     plan = RunPlan(recipe, accelerator.num_processes, device.type, str(accelerator.distributed_type), precision,
                    len(tokenized.train), len(tokenized.eval) if tokenized.eval is not None else None)
     trainable, total = count_parameters(model)
-    plan.notes += [f"parameters: {trainable:,} trainable of {total:,}", host_memory, *prepared.notes, *load_notes]
+    plan.notes += [f"parameters: {trainable:,} trainable of {total:,}", host_memory, preparation.note(), *prepared.notes, *load_notes]
     plan.notes += filter(None, [precision_note(device, precision)])
     if position.optimizer_step:
         plan.notes.append(f"resumed at optimizer step {position.optimizer_step} (epoch {position.epoch}, batch {position.batches_in_epoch})")

@@ -5,13 +5,14 @@ or split and the column.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import datasets
 import pyarrow as pa
 
+from launcher.data.preparation import MapPlan
 from launcher.recipe.schema import DataSection
 
 
@@ -30,6 +31,8 @@ class Splits:
     eval: Optional[datasets.Dataset]
     train_origin: str
     eval_origin: str
+    map_plan: MapPlan = field(default_factory=MapPlan)
+    """How the task's `map` over these splits runs: where its results are cached, in how many processes."""
 
 
 def load_splits(data: DataSection, columns: list[str]) -> Splits:

@@ -13,7 +13,7 @@ from launcher.distributed.devices import DeviceInfo, precision_note, supports
 from launcher.model.loading import ModelError, check_lora_architecture, check_max_length, load_tokenizer
 from launcher.plan.memory import MemoryPlanError, Topology, describe_memory, estimate_memory, fits, measure_model
 from launcher.recipe.schema import Recipe
-from launcher.tasks import prepare_task, task_class
+from launcher.tasks import prepare_task_once, task_class
 from launcher.tasks.sequence_classification.packing import check_packing
 from launcher.train.optimization import steps_per_epoch, total_optimizer_steps, warmup_steps
 
@@ -121,7 +121,7 @@ def check_model_source(name_or_path: str) -> list[str]:
 
 def check_data(recipe: Recipe, plan: RunPlan) -> None:
     """Load the data and, when the tokenizer is at hand, prepare it exactly as the run will (labels, rendering,
-    truncation); what the task found goes into the plan."""
+    truncation), into the preparation cache the run then reads; what the task found goes into the plan."""
     try:
         tokenizer = load_tokenizer(recipe.model)
     except (OSError, ValueError) as err:
@@ -129,9 +129,9 @@ def check_data(recipe: Recipe, plan: RunPlan) -> None:
         plan.notes.append(f"rows not tokenized here: tokenizer not loadable ({str(err).splitlines()[0][:120]})")
     else:
         check_max_length(recipe, tokenizer)
-        prepared = prepare_task(recipe, tokenizer)
+        prepared, preparation = prepare_task_once(recipe, tokenizer)
         splits = prepared.data
-        plan.notes += prepared.notes
+        plan.notes += [preparation.note(), *prepared.notes]
     plan.train_examples = len(splits.train)
     plan.eval_examples = len(splits.eval) if splits.eval is not None else None
 

@@ -109,6 +109,13 @@ class DataSection(Section):
     up to 50 batches, then shuffle the batches (no longest-to-shortest order within an epoch)."""
     num_workers: int = Field(default=0, ge=0)
     """DataLoader worker processes. 0 loads in the training process (best on small CPU machines)."""
+    num_proc: Optional[int] = Field(default=None, ge=1)
+    """Processes that tokenize (datasets' `map`). Default: the CPU cores this process may use, but no more than
+    one per 10,000 rows, so small sets tokenize in-process."""
+    cache_dir: Optional[str] = None
+    """Where prepared (tokenized) splits are kept, one folder per cache key (`python -m launcher.prepare` prints
+    it). A folder every node sees (a shared file system) prepares once per job; a node-local one once per node.
+    Default: `launcher-prepared` in the datasets cache (`HF_DATASETS_CACHE`, usually ~/.cache/huggingface/datasets)."""
 
     @model_validator(mode="after")
     def _one_source(self) -> "DataSection":

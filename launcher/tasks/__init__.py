@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Optional
 
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
+from launcher.data.preparation import MapPlan, Preparation, prepared_once
 from launcher.data.sources import Splits, load_splits
 from launcher.recipe.schema import Recipe
 from launcher.tasks.base import PredictingTask, Prepared, Task
@@ -39,13 +41,19 @@ def exported_task_section(config: PretrainedConfig) -> dict[str, Any]:
     return task.exported_task_section(config)
 
 
-def prepare_task(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, splits: Optional[Splits] = None) -> Prepared:
+def prepare_task(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, splits: Optional[Splits] = None,
+                 map_plan: MapPlan = MapPlan()) -> Prepared:
     """The recipe's task built from its raw splits (read from `recipe.data` unless given), with the tokenized
-    splits and the plan's notes."""
+    splits (mapped as `map_plan` says) and the plan's notes."""
     task = task_class(recipe)
     if splits is None:
         splits = load_splits(recipe.data, task.columns(recipe))
-    return task.prepare(recipe, tokenizer, splits)
+    return task.prepare(recipe, tokenizer, replace(splits, map_plan=map_plan))
+
+
+def prepare_task_once(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> tuple[Prepared, Preparation]:
+    """`prepare_task` through the preparation cache: tokenized by the first process to ask, read back by the rest."""
+    return prepared_once(recipe, tokenizer, lambda plan: prepare_task(recipe, tokenizer, map_plan=plan))
 
 
 def predicting_task_class(recipe: Recipe) -> type[PredictingTask] | None:

@@ -2,6 +2,9 @@
 Llama without a pad token), bf16 on CPU, accumulation equivalence, epoch resume, determinism, and a final
 folder that reloads offline and reproduces the in-training evaluation."""
 
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +14,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from recipes import tiny_recipe, write_recipe
-from runs import eval_loss_of, run_cli, run_in_process
+from runs import REPO, eval_loss_of, run_cli, run_in_process
 from launcher.distributed.devices import detect_device, native_bf16
 from launcher.train.reporting import read_metrics_log
 from launcher.train.run_directory import read_run_summary
@@ -160,12 +163,6 @@ def test_cli_check_and_errors_as_a_user_sees_them(tmp_path, assets):
 
 
 def test_accelerate_launch_runs_the_entry_point(tmp_path, assets):
-    import shutil
-    import subprocess
-    import sys
-
-    from conftest import REPO
-
     path = write_recipe(tmp_path / "r.yaml", tiny_recipe(assets, tmp_path / "acc", training={"epochs": 1}))
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
     result = subprocess.run(

@@ -15,6 +15,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from builders import rating_rows, sentiment_rows, topic_rows, write_csv, write_jsonl
 from recipes import tiny_recipe, write_recipe
+from launching import CPU_DEEPSPEED, launch
 from runs import REPO, assert_predictions_agree, read_csv, run_in_process
 from launcher.predict import main as predict, written_atomically
 from launcher.recipe.loading import load_recipe
@@ -114,8 +115,6 @@ def test_checkpoint_and_exported_model_predict_the_same(runs, assets, tmp_path):
 @pytest.mark.slow
 def test_predict_gathers_a_deepspeed_zero_checkpoint(assets, tmp_path):
     """A 2-process ZeRO-2 run: its checkpoint holds DeepSpeed shards, gathered into the exported weights."""
-    from test_distributed_runs import CPU_DEEPSPEED, launch
-
     recipe = write_recipe(tmp_path / "zero.yaml", tiny_recipe(assets, tmp_path / "zero", model="bert_no_dropout",
                                                               training={"epochs": 1, "per_device_batch_size": 4}))
     result = launch("accelerate_configs/zero2.yaml", recipe, CPU_DEEPSPEED)

@@ -10,6 +10,7 @@ FAULT is one of:
   sigusr1
   hang        stop answering after step STEP: sleep in the training loop, never reaching the next collective
   fill_disk   fill the output directory's file system just before checkpoint STEP is written
+  slow_prepare  take STEP seconds longer to prepare the data, when this process is the one preparing it
 RANK is the rank the fault hits (others run unharmed); `all` hits every rank.
 
 The faults are real (a kernel SIGKILL, a real signal, a full tmpfs); only *when* they happen is arranged,
@@ -31,12 +32,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+import launcher.tasks  # noqa: E402
+from launcher.data.preparation import READY_MARKER  # noqa: E402
 from launcher.train import checkpoints, loop  # noqa: E402
 from launcher.run import main  # noqa: E402
 from launcher.train.reporting import read_metrics_log  # noqa: E402
 
 HARNESS = Path(__file__).resolve()
-REPO = HARNESS.parent.parent
+REPO = HARNESS.parents[2]
 
 
 def fill_file_system(folder: Path) -> None:
@@ -89,6 +92,15 @@ def patches(fault: str, step: int) -> list[tuple[object, str, object]]:
             return save(self, position)
 
         return [(checkpoints.Checkpointer, "save", save_on_full_disk)]
+    if fault == "slow_prepare":
+        prepare = launcher.tasks.prepare_task
+
+        def slow_prepare(recipe, tokenizer, splits=None, map_plan=None):
+            if not (map_plan.folder / READY_MARKER).exists():  # this process holds the lock on a cold cache
+                time.sleep(step)
+            return prepare(recipe, tokenizer, splits, map_plan)
+
+        return [(launcher.tasks, "prepare_task", slow_prepare)]
     raise SystemExit(f"unknown fault {fault!r}")
 
 

@@ -16,6 +16,7 @@ import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from launcher.data.labels import LabelSpace, class_id
+from launcher.data.preparation import MapPlan
 from launcher.data.sources import DataError
 from launcher.recipe.schema import Recipe
 from launcher.tasks.causal_lm.rendering import Fitted, Rendered, TextRenderer, Tokenized, check_messages, fit_texts, tokenize
@@ -105,7 +106,7 @@ class ExampleBuilder:
             prompts.append({"prompt": self.renderer.prompt_of(rendered), "reference": rendered.text[rendered.trained[-1][0]:]})
         return prompts
 
-    def tokenize_split(self, dataset: datasets.Dataset, origin: str, evaluation: bool) -> Examples:
+    def tokenize_split(self, dataset: datasets.Dataset, origin: str, evaluation: bool, map_plan: MapPlan) -> Examples:
         max_length = self.recipe.data.max_length
         choices = evaluation and self.labelled
 
@@ -115,9 +116,9 @@ class ExampleBuilder:
             return {column: [values[column] for values in encoded] for column in encoded[0]}
 
         tokenized = dataset.map(encode, batched=True, with_indices=True, remove_columns=dataset.column_names,
-                                desc=f"tokenizing {origin}")
+                                desc=f"tokenizing {origin}", **map_plan.options(origin, "tokenized", len(dataset)))
         shortened = self.shortened_note(tokenized, origin)
-        tokenized, dropped = self.drop_truncated(tokenized.remove_columns("shortened"), origin)
+        tokenized, dropped = self.drop_truncated(tokenized.remove_columns("shortened"), origin, map_plan)
         examples = self.choose_scoring(tokenized) if choices else Examples(tokenized)
         examples.notes[:0] = [note for note in (shortened, dropped) if note]
         return examples
@@ -167,7 +168,7 @@ class ExampleBuilder:
         return Examples(tokenized.remove_columns(["answer_at", "class_tokens"]),
                         [f"answers span several tokens: eval scores each of the {len(self.answers())} per example"])
 
-    def drop_truncated(self, tokenized: datasets.Dataset, origin: str) -> tuple[datasets.Dataset, Optional[str]]:
+    def drop_truncated(self, tokenized: datasets.Dataset, origin: str, map_plan: MapPlan) -> tuple[datasets.Dataset, Optional[str]]:
         """The rows that fit `data.max_length`, and a note when some did not (`task.on_truncated=fail`: an error)."""
         truncated = [i for i, cut in enumerate(tokenized["truncated"]) if cut]
         max_length = self.recipe.data.max_length
@@ -180,7 +181,8 @@ class ExampleBuilder:
         note = None
         if truncated:
             note = f"{origin}: dropped {len(truncated)} of {len(tokenized)} rows that {why} (task.on_truncated=drop)"
-            tokenized = tokenized.filter(lambda cut: not cut, input_columns="truncated")
+            tokenized = tokenized.filter(lambda cut: not cut, input_columns="truncated",
+                                         **map_plan.options(origin, "kept", len(tokenized)))
         if len(tokenized) == 0:
             raise DataError(f"{origin}: no rows left to train on")
         return tokenized.remove_columns("truncated"), note

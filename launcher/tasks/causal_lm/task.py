@@ -145,8 +145,9 @@ class CausalLanguageModeling(Task):
             answers = recipe.task.label_words or labels.names
             notes.append("answers: " + ", ".join(f"{name} -> {word!r}" for name, word in zip(labels.names, answers)))
         builder = ExampleBuilder(recipe, tokenizer, labels)
-        train = builder.tokenize_split(splits.train, splits.train_origin, evaluation=False)
-        evaluation = builder.tokenize_split(splits.eval, splits.eval_origin, evaluation=True) if splits.eval is not None else None
+        train = builder.tokenize_split(splits.train, splits.train_origin, False, splits.map_plan)
+        evaluation = (builder.tokenize_split(splits.eval, splits.eval_origin, True, splits.map_plan)
+                      if splits.eval is not None else None)
         prompts = builder.generation_prompts(splits.eval, splits.eval_origin) if splits.eval is not None else []
         notes += train.notes + (evaluation.notes if evaluation else [])
         task = cls(recipe, tokenizer, labels, evaluation.class_tokens if evaluation else None, prompts)

@@ -119,7 +119,7 @@ class SequenceClassification(PredictingTask):
             enable_packed_batches(model)
 
     def class_ids(self, train: datasets.Dataset) -> Optional[list[int]]:
-        return list(train["labels"])
+        return np.asarray(train.with_format("numpy")["labels"]).tolist()
 
     def collators(self) -> tuple[Collator, Collator]:
         padded = build_collator(self.tokenizer, self.recipe)

@@ -38,6 +38,7 @@ def tokenize_splits(splits: Splits, data: DataSection, tokenizer: PreTrainedToke
         return dataset.map(
             encode, batched=True, with_indices=True, fn_kwargs={"origin": origin},
             remove_columns=dataset.column_names, desc=f"tokenizing {origin}",
+            **splits.map_plan.options(origin, "tokenized", len(dataset)),
         )
 
     return Splits(
