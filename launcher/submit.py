@@ -64,6 +64,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                         help="ask for USR1 this long before the time limit to checkpoint and requeue (default 300)")
     launch.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                         help="export this in the job, e.g. NCCL_SOCKET_IFNAME=ib0; repeatable")
+    launch.add_argument("--prepare", action="store_true",
+                        help="tokenize the data as the job's first step (launcher/prepare.py, once per node, once per "
+                             "job on a shared data.cache_dir); the training processes then read it back")
     parser.add_argument("--dry-run", action="store_true", help="print the sbatch script; write and submit nothing")
     args = parser.parse_intermixed_args(argv)
     check_arguments(parser, args)
@@ -118,7 +121,8 @@ def report(submission: Submission, job_id: str, partition: str) -> None:
 
 def request_from(args: argparse.Namespace) -> Request:
     return Request(args.recipe, args.overrides, resources_from(args), args.array, args.max_running, args.job_name,
-                   args.accelerate_config, args.signal_time, dict(entry.split("=", 1) for entry in args.env))
+                   args.accelerate_config, args.signal_time, dict(entry.split("=", 1) for entry in args.env),
+                   args.prepare)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

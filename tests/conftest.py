@@ -8,8 +8,17 @@ pyproject.toml puts support/ on the import path (`from recipes import tiny_recip
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
+
+# Before datasets is imported (it reads the variable once): the suite's datasets and preparation caches live and
+# die with the session, and never fill or read the user's ~/.cache.
+if "HF_DATASETS_CACHE" not in os.environ:
+    os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="launcher-tests-datasets-")
+    atexit.register(shutil.rmtree, os.environ["HF_DATASETS_CACHE"], ignore_errors=True)
 
 import pytest
 import torch

@@ -93,6 +93,8 @@ class BatchJob:
     collective_timeout_s: int
     max_running: Optional[int] = None
     env: dict[str, str] = field(default_factory=dict)
+    prepare_script: Optional[Path] = None
+    """launcher/prepare.py, to run as the job's first step (`submit --prepare`); None: the training step prepares."""
 
     @property
     def log_pattern(self) -> str:
@@ -204,7 +206,7 @@ export MAIN_HOST=$(scontrol show node -o "$first_node" | grep -o 'NodeAddr=[^ ]*
 export MAIN_PORT=$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')
 echo "job $SLURM_JOB_ID, restart ${{SLURM_RESTART_COUNT:-0}}, main $MAIN_HOST:$MAIN_PORT: $RUN_RECIPE"
 
-# One srun task per node. accelerate launch ignores USR1 (by default it would die of it and orphan the
+{prepare_step}# One srun task per node. accelerate launch ignores USR1 (by default it would die of it and orphan the
 # training processes); the training processes install their own handler and checkpoint on it.
 launch_on_node() {{
   trap '' USR1
@@ -240,6 +242,14 @@ exit "$status"
 """
 
 
+PREPARE_STEP = r"""# The data first, before any training process exists (launcher/prepare.py, one task per node): on a cache folder
+# all nodes share, the first to take its lock tokenizes and the others read back; on node-local ones, each node.
+srun --ntasks-per-node=1 --kill-on-bad-exit=1{srun_cpus} "$PYTHON" {prepare_script} "$RUN_RECIPE" \
+  || {{ echo "error: preparing the data failed (the message is above); nothing was trained" >&2; exit 1; }}
+
+"""
+
+
 def render_script(job: BatchJob) -> str:
     exports = "\n".join(f"export {name}={shlex.quote(value)}" for name, value in device_environment(job).items())
     # Since Slurm 22.05 a step need not inherit sbatch's --cpus-per-task: name it, or each node task may get one CPU.
@@ -252,6 +262,8 @@ def render_script(job: BatchJob) -> str:
         run_script=shlex.quote(str(job.run_script)),
         srun_cpus=srun_cpus,
         repeat_seconds=STOP_REPEAT_SECONDS,
+        prepare_step=PREPARE_STEP.format(prepare_script=shlex.quote(str(job.prepare_script)), srun_cpus=srun_cpus)
+        if job.prepare_script else "",
     )
     return "\n".join(["#!/bin/bash", *sbatch_directives(job)]) + "\n" + body
 

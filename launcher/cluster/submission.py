@@ -22,6 +22,7 @@ from launcher.train.run_directory import check_run_directory, recipe_yaml
 DEFAULT_ACCELERATE_CONFIG = {"gpu": "accelerate_configs/multi_node.yaml", "npu": "accelerate_configs/npu_ddp.yaml",
                              "cpu": "accelerate_configs/multi_node.yaml"}  # CPU processes: torchrun, gloo
 RUN_SCRIPT = Path(__file__).resolve().parents[1] / "run.py"
+PREPARE_SCRIPT = Path(__file__).resolve().parents[1] / "prepare.py"
 FROZEN_RECIPE = "recipe.yaml"
 
 
@@ -40,6 +41,8 @@ class Request:
     """The topology's accelerate config; None: DEFAULT_ACCELERATE_CONFIG for the device (none for one CPU process)."""
     signal_seconds: int = 300
     env: dict[str, str] = field(default_factory=dict)
+    prepare: bool = False
+    """Prepare the data as the job's first step, so the training processes only read it back."""
 
 
 @dataclass
@@ -104,6 +107,7 @@ def plan(request: Request) -> Submission:
         collective_timeout_s=max(recipe.training.collective_timeout_s for recipe in recipes),
         max_running=request.max_running,
         env=request.env,
+        prepare_script=PREPARE_SCRIPT if request.prepare else None,
     )
     return Submission(job, root, tasks, recipes, run_dirs)
 

@@ -33,9 +33,10 @@ def submit(capsys, recipe: Path, *args: str) -> str:
 
 @pytest.mark.slow
 def test_cpu_job_trains_to_the_end(slurm_cluster: SlurmCluster, assets, tmp_path: Path, capsys):
+    """With --prepare: the job's first step tokenizes, the training step reads the preparation back."""
     out = tmp_path / "run"
-    recipe = write_recipe(tmp_path / "tiny.yaml", tiny_recipe(assets, out))
-    job_id = submit(capsys, recipe, "training.epochs=1", "--time", "00:10:00")
+    recipe = write_recipe(tmp_path / "tiny.yaml", tiny_recipe(assets, out, data={"cache_dir": str(tmp_path / "cache")}))
+    job_id = submit(capsys, recipe, "training.epochs=1", "--time", "00:10:00", "--prepare")
     (job,) = slurm_cluster.wait_ended(job_id)
 
     assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), log_text(out, ".err")[-3000:]
@@ -49,6 +50,7 @@ def test_cpu_job_trains_to_the_end(slurm_cluster: SlurmCluster, assets, tmp_path
     log = (out / "slurm" / "logs" / f"tiny-{job_id}.out").read_text()
     assert f"job {job_id}, restart 0" in log and f": {frozen}" in log
     assert "done: 8 steps" in log
+    assert log.index("data: prepared in") < log.index("data: reused (cache hit)")  # the step, then the run's plan
 
 
 @pytest.mark.slow

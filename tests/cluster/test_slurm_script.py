@@ -158,6 +158,19 @@ def test_cpu_process_jobs_launch_through_torchrun_with_a_cpu_group(capsys, tmp_p
     assert "--cpu " not in script and "NCCL" not in script and "#SBATCH --gpus" not in script
 
 
+def test_prepare_runs_the_data_preparation_as_a_first_step_on_every_node(capsys, tmp_path: Path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    args = (LLAMA_RECIPE, f"output.dir={tmp_path}", "--nodes", "2", "--cpu-processes-per-node", "1")
+    code, prepared, err = dry_run(capsys, *args, "--prepare")
+    assert code == 0, err
+    code, plain, err = dry_run(capsys, *args)
+    assert code == 0, err
+    step = f'srun --ntasks-per-node=1 --kill-on-bad-exit=1 "$PYTHON" {REPO}/launcher/prepare.py "$RUN_RECIPE"'
+    assert step in prepared and "prepare.py" not in plain
+    assert prepared.index(step) < prepared.index("bash -c launch_on_node")
+    assert_valid_bash(prepared)
+
+
 def test_sweep_specs_expand_to_their_product():
     tasks = expand(["a.x=1,2", "b.y=p,q,r"])
     assert [t.overrides for t in tasks][:2] == [["a.x=1", "b.y=p"], ["a.x=1", "b.y=q"]]

@@ -131,3 +131,21 @@ def test_two_processes_start_from_a_cold_cache_while_preparation_outlasts_the_co
     assert train_records(tmp_path / "run")
     markers = [json.loads(p.read_text()) for p in (tmp_path / "cache").glob(f"*/{READY_MARKER}")]
     assert len(markers) == 1, os.listdir(tmp_path / "cache")
+
+
+def test_prepare_command_fills_the_cache_and_reports_the_splits(assets, tmp_path, capsys):
+    from launcher.prepare import main as prepare
+
+    recipe = write_recipe(tmp_path / "recipe.yaml", tiny_recipe(
+        assets, tmp_path / "run", data={"cache_dir": str(tmp_path / "cache"), "max_length": 16}))
+    assert prepare([str(recipe)]) == 0
+    out = capsys.readouterr().out
+    lengths = token_lengths(prepare_task(load_recipe(recipe), load_tokenizer(load_recipe(recipe).model)).data.train)
+    assert "data: prepared in" in out
+    train = next(line for line in out.splitlines() if line.startswith("train"))
+    assert f"{len(lengths)} rows" in train and f"{sum(lengths):,} tokens" in train
+    assert f"max {max(lengths)}; {sum(n >= 16 for n in lengths)} at max_length 16" in train
+    assert out.count("\neval ") == 1
+    assert prepare([str(recipe), "data.max_length=16"]) == 0 and "cache hit" in capsys.readouterr().out
+    assert prepare([str(recipe), "data.text_field=nope"]) == 1
+    assert "missing column(s) ['nope']" in capsys.readouterr().err
