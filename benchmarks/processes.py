@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Optional
 
 import psutil
 
@@ -57,15 +60,19 @@ class PeakRss:
         self.thread.join()
 
 
-def run_child(command: list[str], env: dict[str, str], log_path: Path, timeout_s: float) -> ChildResult:
-    """Run `command` with its output in `log_path`; kill it (and wait) past `timeout_s`."""
+def run_child(command: list[str], env: dict[str, str], log_path: Path, timeout_s: float,
+              until: Optional[Callable[[], bool]] = None) -> ChildResult:
+    """Run `command` with its output in `log_path`; kill it (and wait) past `timeout_s`, or as soon as `until()`
+    holds (the wall time is then the time until it held, the return code -9)."""
     started = time.perf_counter()
     with log_path.open("w", encoding="utf-8") as log:
-        child = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+        child = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         with PeakRss(child.pid) as memory:
-            try:
-                returncode = child.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                returncode = child.wait()
-    return ChildResult(returncode, time.perf_counter() - started, memory.peak)
+            deadline = started + timeout_s
+            while child.poll() is None and time.perf_counter() < deadline and not (until and until()):
+                time.sleep(POLL_SECONDS / 4)
+            wall = time.perf_counter() - started
+            if child.poll() is None:
+                os.killpg(child.pid, signal.SIGKILL)  # the whole tree: every rank under torchrun
+            returncode = child.wait()
+    return ChildResult(returncode, wall, memory.peak)

@@ -40,6 +40,7 @@ from launcher.recipe.schema import Recipe
 from launcher.tasks import prepare_task_once
 from launcher.train.checkpoints import CheckpointError, Checkpointer, TrainPosition
 from launcher.train.curves import write_curves
+from launcher.train.elastic import fit_to_world_size, launched_world_size
 from launcher.train.loop import CollectiveError, NonFiniteLossError, TrainingLoop
 from launcher.train.optimization import build_optimizer, build_scheduler, total_optimizer_steps, warmup_steps
 from launcher.train.run_directory import (
@@ -118,6 +119,7 @@ def setup(recipe: Recipe) -> Session:
     # Before the process group exists: a rank waiting for another's tokenization waits on a file lock, not
     # inside a collective that training.collective_timeout_s would end.
     prepared, preparation = prepare_task_once(recipe, tokenizer)
+    recipe, resume_notes = fit_to_world_size(recipe, launched_world_size())  # before the Accelerator takes its accumulation
     accelerator = build_accelerator(recipe, precision, device)
     run_dir = prepare_run_directory(recipe, accelerator.is_main_process)
     if accelerator.log_with:
@@ -156,6 +158,7 @@ def setup(recipe: Recipe) -> Session:
     trainable, total = count_parameters(model)
     plan.notes += [f"parameters: {trainable:,} trainable of {total:,}", host_memory, preparation.note(), *prepared.notes, *load_notes]
     plan.notes += filter(None, [precision_note(device, precision)])
+    plan.notes += resume_notes
     if position.optimizer_step:
         plan.notes.append(f"resumed at optimizer step {position.optimizer_step} (epoch {position.epoch}, batch {position.batches_in_epoch})")
     if accelerator.is_main_process:  # accelerator.print prints once per node: a multi-node log would repeat the plan

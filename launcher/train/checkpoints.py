@@ -26,6 +26,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from accelerate.utils import merge_fsdp_weights
 from safetensors.torch import load_file
 
@@ -231,9 +232,10 @@ class Checkpointer:
         return f"No older checkpoint in {broken.parent} passes its check: start again without output.resume_from"
 
     def check_identity(self, folder: Path, manifest: dict[str, Any]) -> None:
-        """Refuse a resume that would quietly be a different run (other global batch, world size or schedule)."""
+        """Refuse a resume that would quietly be a different run (other global batch or schedule). The world size
+        may change (launcher/train/elastic.py): at the same global batch, each step holds the same examples."""
         saved = manifest["identity"]
-        changed = {k: (saved.get(k), v) for k, v in self.identity.items() if saved.get(k) != v}
+        changed = {k: (saved.get(k), v) for k, v in self.identity.items() if saved.get(k) != v and k != "world_size"}
         if changed:
             lines = ", ".join(f"{k}: {old} -> {new}" for k, (old, new) in sorted(changed.items()))
             raise CheckpointError(
@@ -246,9 +248,24 @@ class Checkpointer:
         manifest = self.verify_or_advise(folder)
         if not allow_changed:
             self.check_identity(folder, manifest)
+        saved_world, world = manifest["identity"].get("world_size", self.accelerator.num_processes), self.accelerator.num_processes
+        if saved_world != world:
+            self.check_reshardable(folder, saved_world)
         self.accelerator.load_state(str(folder))
-        self.load_rng(folder, allow_changed)
-        position.load_state_dict(manifest["position"])
+        self.load_rng(folder, allow_changed or saved_world != world)
+        state = dict(manifest["position"])
+        if saved_world != world:
+            state["batches_in_epoch"] = rebatched(state["batches_in_epoch"], saved_world, world, folder)
+        position.load_state_dict(state)
+
+    def check_reshardable(self, folder: Path, saved_world: int) -> None:
+        """DDP and single-process checkpoints hold whole state; DeepSpeed ZeRO and FSDP hold it partitioned by rank."""
+        kind = self.accelerator.distributed_type
+        if kind in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+            raise CheckpointError(
+                f"{folder} was written by {saved_world} process(es) under {kind.value}; resuming it on "
+                f"{self.accelerator.num_processes} would need its partitioned state resharded, which this launcher "
+                f"does not do yet: resume on {saved_world} process(es) (DDP checkpoints resume on any number)")
 
     def load_rng(self, folder: Path, allow_changed: bool) -> None:
         """This rank's generators, strictly: Accelerate only logs an INFO line when it cannot restore them."""
@@ -259,6 +276,16 @@ class Checkpointer:
             warnings.warn(f"{path} is missing (changed world size?); this rank keeps its freshly seeded generators")
             return
         restore_rng(torch.load(path, weights_only=False), self.accelerator.device.type, path)
+
+
+def rebatched(batches_in_epoch: int, saved_world: int, world: int, folder: Path) -> int:
+    """A rank's micro-batches into the epoch on `world` processes for a checkpoint taken `batches_in_epoch` of
+    them into it on `saved_world`: the same number of global batches (batch b x W + r is rank r's b-th)."""
+    global_batches = batches_in_epoch * saved_world
+    if global_batches % world:
+        raise CheckpointError(f"{folder}: taken {global_batches} global batches into the epoch, which {world} "
+                              "process(es) cannot share evenly")
+    return global_batches // world
 
 
 def sealed_checkpoints(root: Path) -> list[Path]:

@@ -1,0 +1,96 @@
+"""Resume on another number of processes: a run killed mid-epoch on 2 processes and resumed on 1 (and the
+reverse) is the uninterrupted run, step for step: the same examples in every optimizer step, the same losses and
+final weights within the float32 tolerance of support/launching.py (dropout off: generators do not carry over).
+
+64 examples, global batch 8 (4 per device x 2 processes, or x 2 accumulation on one), 2 epochs = 16 steps,
+checkpoints every 3 steps; killed after step 11 (checkpoint at step 9, mid-epoch 2), or after step 5 (step 3).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from faults import final_weights, run_faulty, train_records
+from launching import CPU_DEEPSPEED, TOLERANCE, launch
+from recipes import tiny_recipe, write_recipe
+from launcher.train.checkpoints import CheckpointError
+from launcher.train.elastic import accumulation_for
+
+STEPS = 16
+
+
+def recipe_file(start_model, folder, accumulation: int):
+    recipe = tiny_recipe(start_model, folder / "run", model="start",
+                         training={"per_device_batch_size": 4, "gradient_accumulation_steps": accumulation,
+                                   "log_sample_fingerprints": True, "seed": 3},
+                         output={"save_every_steps": 3, "keep_last": 2})
+    return write_recipe(folder / "recipe.yaml", recipe)
+
+
+def assert_same_run(resumed: dict, expected: dict) -> None:
+    assert sorted(resumed) == list(range(1, STEPS + 1))
+    for step in range(1, STEPS + 1):
+        assert sorted(resumed[step]["sample_fingerprints"]) == sorted(expected[step]["sample_fingerprints"]), step
+        assert resumed[step]["loss"] == pytest.approx(expected[step]["loss"], rel=0, abs=TOLERANCE), step
+        assert resumed[step]["lr"] == expected[step]["lr"]
+
+
+def assert_weights_within_tolerance(actual: dict, expected: dict) -> None:
+    import torch
+
+    assert actual.keys() == expected.keys()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(actual[name], tensor, rtol=0, atol=TOLERANCE, msg=name)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(start_model, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("elastic_reference")
+    done = run_faulty("none", 0, "all", recipe_file(start_model, folder, accumulation=1), processes=2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return train_records(folder / "run"), final_weights(folder / "run")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("processes", "accumulation", "kill_step", "resumed_on"),
+                         [(2, 1, 11, 1), (1, 2, 5, 2)], ids=["2-to-1", "1-to-2"])
+def test_a_run_resumed_on_another_world_size_is_the_same_run(start_model, tmp_path, uninterrupted, processes,
+                                                             accumulation, kill_step, resumed_on):
+    recipe = recipe_file(start_model, tmp_path, accumulation)
+    killed = run_faulty("kill", kill_step, "all", recipe, processes=processes)
+    assert killed.returncode != 0 and max(train_records(tmp_path / "run")) == kill_step, killed.stderr[-3000:]
+
+    resumed = run_faulty("none", 0, "all", recipe, "output.resume_from=auto", processes=resumed_on)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    plan = resumed.stdout
+    wanted = 2 // resumed_on
+    assert (f"resume on {resumed_on} process(es), checkpoint written by {processes}: gradient accumulation "
+            f"{accumulation} -> {wanted} (per device 4) keeps the global batch 8") in plan, plan[-3000:]
+    assert "resumed at optimizer step 9" in plan or "resumed at optimizer step 3" in plan
+
+    expected_records, expected_weights = uninterrupted
+    assert_same_run(train_records(tmp_path / "run"), expected_records)
+    assert_weights_within_tolerance(final_weights(tmp_path / "run"), expected_weights)
+
+
+def test_a_global_batch_no_accumulation_keeps_is_refused_with_the_numbers():
+    assert accumulation_for(8, 4, 1) == 2 and accumulation_for(8, 4, 2) == 1
+    with pytest.raises(CheckpointError, match="global batch 8 cannot be kept on 3 process"):
+        accumulation_for(8, 4, 3)
+    with pytest.raises(CheckpointError, match="global batch 8 cannot be kept on 4 process"):
+        accumulation_for(8, 4, 4)
+
+
+@pytest.mark.slow
+def test_a_zero_checkpoint_on_another_world_size_is_refused_by_name(start_model, tmp_path):
+    def recipe(name, **output):
+        return write_recipe(tmp_path / name, tiny_recipe(
+            start_model, tmp_path / "run", model="start", training={"epochs": 1, "per_device_batch_size": 4},
+            output={"save_every_steps": 2, **output}))
+
+    first = launch("accelerate_configs/zero2.yaml", recipe("zero.yaml"), CPU_DEEPSPEED)
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = launch("accelerate_configs/zero2.yaml", recipe("resume.yaml", resume_from="auto"), CPU_DEEPSPEED, processes=1)
+    assert again.returncode == 1
+    assert "was written by 2 process(es) under DEEPSPEED" in again.stderr, again.stderr[-3000:]
+    assert "resume on 2 process(es)" in again.stderr
