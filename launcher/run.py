@@ -38,9 +38,9 @@ from launcher.plan.preflight import RunPlan, check_recipe
 from launcher.recipe.loading import RecipeError, load_recipe
 from launcher.recipe.schema import Recipe
 from launcher.tasks import prepare_task_once
-from launcher.train.checkpoints import CheckpointError, Checkpointer, TrainPosition
+from launcher.train.checkpoints import CheckpointCost, CheckpointError, Checkpointer, TrainPosition, folder_bytes
 from launcher.train.curves import write_curves
-from launcher.train.elastic import fit_to_world_size, launched_world_size
+from launcher.train.elastic import checkpoint_to_resume, fit_to_world_size, launched_world_size
 from launcher.train.loop import CollectiveError, NonFiniteLossError, TrainingLoop
 from launcher.train.optimization import build_optimizer, build_scheduler, total_optimizer_steps, warmup_steps
 from launcher.train.run_directory import (
@@ -63,6 +63,8 @@ class Session:
     trainer: TrainingLoop
     tokenizer: object
     started: float
+    loaded: Optional[CheckpointCost]
+    """What reading the checkpoint it resumed from cost, if it resumed."""
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
@@ -151,7 +153,7 @@ def setup(recipe: Recipe) -> Session:
     }
     checkpointer = Checkpointer(accelerator, run_dir, recipe.output.keep_last, identity)
     position = TrainPosition()
-    resume(recipe, checkpointer, position)
+    loaded = resume(recipe, checkpointer, position)
 
     plan = RunPlan(recipe, accelerator.num_processes, device.type, str(accelerator.distributed_type), precision,
                    len(tokenized.train), len(tokenized.eval) if tokenized.eval is not None else None)
@@ -159,27 +161,27 @@ def setup(recipe: Recipe) -> Session:
     plan.notes += [f"parameters: {trainable:,} trainable of {total:,}", host_memory, preparation.note(), *prepared.notes, *load_notes]
     plan.notes += filter(None, [precision_note(device, precision)])
     plan.notes += resume_notes
-    if position.optimizer_step:
-        plan.notes.append(f"resumed at optimizer step {position.optimizer_step} (epoch {position.epoch}, batch {position.batches_in_epoch})")
+    if loaded is not None:
+        plan.notes.append(f"resumed at optimizer step {position.optimizer_step} (epoch {position.epoch}, batch "
+                          f"{position.batches_in_epoch}); checkpoint read: {loaded.describe()}")
     if accelerator.is_main_process:  # accelerator.print prints once per node: a multi-node log would repeat the plan
         print(plan.describe())
 
     trainer = TrainingLoop(recipe, accelerator, task, model, optimizer, scheduler, train_loader, eval_loader,
                       checkpointer, position, total_steps, stop_request)
-    return Session(recipe, accelerator, trainer, tokenizer, started)
+    return Session(recipe, accelerator, trainer, tokenizer, started, loaded)
 
 
-def resume(recipe: Recipe, checkpointer: Checkpointer, position: TrainPosition) -> None:
-    """Load the checkpoint `output.resume_from` names (`auto`: the latest complete one, if any)."""
-    source = recipe.output.resume_from
-    if source is None:
-        return
-    folder = checkpointer.latest() if source == "auto" else Path(source)
+def resume(recipe: Recipe, checkpointer: Checkpointer, position: TrainPosition) -> Optional[CheckpointCost]:
+    """Load the checkpoint `output.resume_from` names (`auto`: the latest complete one, if any); what it cost."""
+    folder = checkpoint_to_resume(recipe)
     if folder is None:
-        return
+        return None
     if not folder.is_dir():
         raise CheckpointError(f"output.resume_from: {folder} is not a checkpoint folder")
+    started = time.perf_counter()
     checkpointer.load(folder, position, recipe.output.allow_changed_resume)
+    return CheckpointCost(time.perf_counter() - started, folder_bytes(folder))
 
 
 def cleanup(session: Session, finished: bool) -> int:
@@ -198,6 +200,8 @@ def cleanup(session: Session, finished: bool) -> int:
             "outputs": written,
             "wall_seconds": round(time.time() - session.started, 2),
             "recipe_sha256": recipe_sha256(session.recipe),
+            "checkpoints": {"saves": trainer.checkpoint_saves,
+                            "load": session.loaded.record("load") if session.loaded else None},
         }
         write_run_summary(Path(session.recipe.output.dir), summary)
         write_curves(session.recipe.output.dir)

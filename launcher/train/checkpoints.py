@@ -63,6 +63,26 @@ class TrainPosition:
             setattr(self, key, value)
 
 
+@dataclass(frozen=True)
+class CheckpointCost:
+    """What writing or reading one checkpoint cost: seconds on the critical path (collectives, fsync and hashing
+    included) and its size on the main process's file system."""
+
+    seconds: float
+    bytes: int
+
+    def record(self, prefix: str) -> dict[str, float]:
+        return {f"{prefix}_seconds": self.seconds, f"{prefix}_bytes": self.bytes,
+                f"{prefix}_gb_per_s": self.bytes / 1e9 / self.seconds if self.seconds else None}
+
+    def describe(self) -> str:
+        return f"{self.bytes / 1e9:.3f} GB in {self.seconds:.2f} s ({self.bytes / 1e9 / max(self.seconds, 1e-9):.2f} GB/s)"
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else 0
+
+
 def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:

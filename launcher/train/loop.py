@@ -30,7 +30,7 @@ from launcher.data.batches import example_token_ids, real_tokens
 from launcher.distributed.devices import peak_allocated_bytes
 from launcher.recipe.schema import Recipe
 from launcher.tasks.base import Batch, Task
-from launcher.train.checkpoints import Checkpointer, TrainPosition
+from launcher.train.checkpoints import CheckpointCost, Checkpointer, TrainPosition, folder_bytes
 from launcher.train.reporting import RunReporter
 from launcher.train.stopping import StopRequest
 
@@ -105,6 +105,8 @@ class TrainingLoop:
         self.final_metrics: dict[str, float] = {}
         self.last_eval_step = -1
         self.window_fingerprints: list[int] = []
+        self.checkpoint_saves: list[dict[str, float]] = []
+        """Each save's seconds, GB and GB/s, as logged (`kind: checkpoint`), for the run summary."""
 
     def train(self) -> bool:
         """Train to the end of the schedule; returns False when stopped early by a signal (after checkpointing)."""
@@ -298,7 +300,11 @@ class TrainingLoop:
         if self.position.optimizer_step == self.last_saved_step:
             return
         self.check_weights_finite()
-        self.checkpointer.save(self.position)
+        started = time.perf_counter()
+        folder = self.checkpointer.save(self.position)
+        cost = CheckpointCost(time.perf_counter() - started, folder_bytes(folder))
+        self.checkpoint_saves.append(cost.record("save"))
+        self.reporter.log("checkpoint", self.position.optimizer_step, self.checkpoint_saves[-1])
         self.last_saved_step = self.position.optimizer_step
 
     def check_weights_finite(self) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import subprocess
 import types
 
@@ -206,3 +207,23 @@ def test_disk_full_during_save_fails_clearly_and_keeps_previous(assets, tmp_path
     (small_file_system / "run" / "filler.bin").unlink()
     assert run_in_process(recipe, "output.resume_from=auto") == 0
     assert max(train_records(small_file_system / "run")) == 16
+
+
+def test_each_save_and_the_resume_read_are_timed_and_sized(stopped_run, capsys):
+    """metrics.jsonl and the run summary say what each checkpoint cost: seconds, GB on disk, GB/s."""
+    from launcher.train.checkpoints import folder_bytes
+    from launcher.train.run_directory import read_run_summary
+
+    recipe, checkpoints = stopped_run
+    saves = {r["step"]: r for r in json_lines(checkpoints.parent / "metrics.jsonl") if r["kind"] == "checkpoint"}
+    assert sorted(saves) == [3, 4]
+    assert saves[4]["save_bytes"] == folder_bytes(checkpoints / "step-00000004") > 0
+    assert all(r["save_seconds"] > 0 and r["save_gb_per_s"] == pytest.approx(r["save_bytes"] / 1e9 / r["save_seconds"])
+               for r in saves.values())
+    capsys.readouterr()
+    assert run_in_process(recipe, "output.resume_from=auto") == 0
+    assert re.search(r"resumed at optimizer step 4 \(epoch 0, batch 4\); checkpoint read: \d+\.\d{3} GB in \d+\.\d\d s",
+                     capsys.readouterr().out)
+    summary = read_run_summary(checkpoints.parent)["checkpoints"]
+    assert summary["load"]["load_seconds"] > 0 and summary["load"]["load_bytes"] == saves[4]["save_bytes"]
+    assert summary["saves"] and all(s["save_bytes"] > 0 for s in summary["saves"])
