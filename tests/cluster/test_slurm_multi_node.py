@@ -7,7 +7,9 @@ the rendezvous the script derives from Slurm, DDP over gloo on loopback.
 - a preemption warning reaches the ranks on both nodes, one checkpoint is written, the job requeues, resumes
   on both nodes and ends bit-identical to an uninterrupted 2-node job;
 - a node's processes are SIGKILLed mid-run: the job ends within the collective timeout with an error that says
-  what to do, and a resubmission with output.resume_from=auto ends bit-identical to the uninterrupted job.
+  what to do, and a resubmission with output.resume_from=auto ends bit-identical to the uninterrupted job;
+- a 2-node job preempted at an exact step and resubmitted with `--nodes 1` resumes on one process at the same
+  global batch and ends as the uninterrupted 2-node job (same examples per step, losses and weights within 1e-5).
 
 Each run goes through tests/support/rank_harness.py (launcher/run.py plus a record per rank of its node, pid and the
 stop signals it received).
@@ -183,3 +185,45 @@ def test_a_node_that_dies_ends_the_job_with_an_actionable_error_and_a_resubmissi
     assert f"resumed at optimizer step {last_checkpoint}" in log_text(run_dir)
     assert read_run_summary(run_dir)["optimizer_steps"] == STEPS
     assert_same_weights(final_weights(two_node_reference), final_weights(run_dir))
+
+
+def test_a_two_node_job_resubmitted_on_one_node_resumes_as_the_same_run(slurm_cluster: SlurmCluster, assets, tmp_path):
+    """16 steps (64 rows, 4 per process x 2 processes, 2 epochs); stopped at step 5 and checkpointed there, then
+    one process on one node takes over with accumulation 2 (as a smaller allocation would)."""
+    def recipe_in(folder: Path) -> Path:
+        folder.mkdir()
+        return write_recipe(folder / "recipe.yaml", tiny_recipe(
+            assets, folder / "out", "bert_no_dropout",
+            training={"epochs": 2, "per_device_batch_size": 4, "log_sample_fingerprints": True, "collective_timeout_s": 20},
+            output={"save_every_epoch": False}))
+
+    reference = run_two_nodes(slurm_cluster, recipe_in(tmp_path / "reference"))
+    recipe = recipe_in(tmp_path / "elastic")
+    run_dir = recipe.parent / "out"
+    # Each rank's own stop handler runs at step 5 (not the batch shell's warning, so the job does not requeue
+    # itself): a checkpoint at step 5 and a job that has ended, as after a preemption that took its nodes.
+    job_id = submit_two_nodes(recipe, "--env", "HARNESS_SIGUSR1_AFTER_STEP=5")
+    slurm_cluster.wait_ended(job_id, timeout=180)
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step-*")) == ["step-00000005"]
+    assert log_text(run_dir).count("stopped by SIGUSR1 at optimizer step 5; checkpoint written") == 2  # both nodes
+
+    out, err = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as monkeypatch, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        monkeypatch.setattr(launcher.cluster.submission, "RUN_SCRIPT", HARNESS)
+        code = launcher.submit.main([str(recipe), "--cpus-per-task", "1", "--nodes", "1", "output.resume_from=auto"])
+    assert code == 0, err.getvalue()
+    resumed_id = SUBMITTED.search(out.getvalue()).group(1)
+    job = assert_completed(slurm_cluster, resumed_id, run_dir)
+    assert job["NumNodes"] == "1"
+    log = log_text(run_dir)
+    assert ("resume on 1 process(es), checkpoint written by 2: gradient accumulation 1 -> 2 (per device 4) keeps "
+            "the global batch 8") in log, log[-3000:]
+    expected, resumed = train_records(reference), train_records(run_dir)
+    assert sorted(resumed) == sorted(expected) == list(range(1, 17))
+    for step in expected:
+        assert sorted(resumed[step]["sample_fingerprints"]) == sorted(expected[step]["sample_fingerprints"]), step
+        assert resumed[step]["loss"] == pytest.approx(expected[step]["loss"], rel=0, abs=TOLERANCE), step
+    want, got = final_weights(reference), final_weights(run_dir)
+    assert want.keys() == got.keys()
+    for name in want:
+        assert (got[name] - want[name]).abs().max() <= TOLERANCE, name

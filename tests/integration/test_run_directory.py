@@ -7,6 +7,7 @@ import pytest
 
 from recipes import tiny_recipe, write_recipe
 from runs import run_in_process
+from launcher.model.loading import ModelError
 from launcher.train.run_directory import REPLACED_PREFIX, RUN_SUMMARY
 
 
@@ -33,9 +34,16 @@ def test_checkpoints_of_an_unfinished_run_are_refused_without_resume(finished_ru
     assert any((run_dir / "checkpoints").iterdir())
 
 
-def test_failed_overwrite_keeps_previous_outputs_until_a_run_finishes(finished_run, tmp_path):
+def test_failed_overwrite_keeps_previous_outputs_until_a_run_finishes(finished_run, tmp_path, monkeypatch):
     recipe, run_dir, weights = finished_run
+    # Data is prepared before the run directory is touched: a data error leaves the previous run where it was.
     assert run_in_process(recipe, "output.overwrite=true", f"data.train_file={tmp_path / 'missing.csv'}") == 1
+    assert not list(run_dir.glob(f"{REPLACED_PREFIX}*"))
+    assert (run_dir / "model" / "model.safetensors").read_bytes() == weights
+    # A run that fails after setting the previous outputs aside (here: its model does not load) leaves them there.
+    with monkeypatch.context() as patched:
+        patched.setattr("launcher.run.load_model", lambda *args: (_ for _ in ()).throw(ModelError("no weights")))
+        assert run_in_process(recipe, "output.overwrite=true") == 1
     kept = [folder / "model" / "model.safetensors" for folder in run_dir.glob(f"{REPLACED_PREFIX}*")]
     assert [path.read_bytes() for path in kept] == [weights]
     assert (kept[0].parent.parent / RUN_SUMMARY).is_file()

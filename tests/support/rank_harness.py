@@ -5,7 +5,8 @@ Slurm tests (they point `launcher.submit` at this file instead of run.py):
 
 Each rank writes OUTPUT_DIR/ranks/restart-R-rank-N.json ({"rank", "node", "pid", "parent", "signals"}) when it
 starts and again whenever its stop handler runs. Nothing in the run is changed: the handler is the launcher's
-own, wrapped to record its signal.
+own, wrapped to record its signal. With HARNESS_SIGUSR1_AFTER_STEP=N in the environment (`submit --env`), every
+rank sends itself SIGUSR1 after optimizer step N (faults.py's `sigusr1`): a preemption at an exact step.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from faults import patches  # noqa: E402
 from launcher.train import stopping  # noqa: E402
 from launcher.recipe.loading import load_recipe  # noqa: E402
 from launcher.run import main  # noqa: E402
@@ -56,4 +58,7 @@ def install(output_dir: str) -> None:
 
 if __name__ == "__main__":
     install(load_recipe(sys.argv[1], sys.argv[2:]).output.dir)
+    if "HARNESS_SIGUSR1_AFTER_STEP" in os.environ:
+        for owner, name, replacement in patches("sigusr1", int(os.environ["HARNESS_SIGUSR1_AFTER_STEP"])):
+            setattr(owner, name, replacement)
     sys.exit(main(sys.argv[1:]))
