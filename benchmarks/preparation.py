@@ -242,10 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     result["sizes"] = []
     for rows in [int(n) for n in args.sizes.split(",") if n] + [args.rows]:
         folder = work / f"rows-{rows}"
-        folder.mkdir(exist_ok=True)
+        shutil.rmtree(folder, ignore_errors=True)  # caches and run directories of an earlier benchmark: start cold
+        folder.mkdir()
         train = corpus if rows == args.rows else head(corpus, folder / "train.csv", rows)
-        for stale in (folder / "cache", folder / "cache-two"):  # every "cold" below starts from nothing
-            shutil.rmtree(stale, ignore_errors=True)
         cache = folder / "cache"
         path = recipe(folder, train, evaluation, model, cache)
         print(f"{rows:,} rows: cold preparation, then {args.repeats} warm starts", flush=True)

@@ -33,9 +33,19 @@ def build_dataloaders(tokenized: Splits, recipe: Recipe, train_collator, eval_co
     return train_loader, eval_loader
 
 
-def token_lengths(dataset: datasets.Dataset, rows_per_read: int = 10_000) -> list[int]:
+ROWS_PER_READ = 10_000
+
+
+def token_lengths(dataset: datasets.Dataset, rows_per_read: int = ROWS_PER_READ) -> list[int]:
     """Each row's number of tokens, read as Arrow list lengths a block of rows at a time: the token ids
     themselves never become Python lists (on 650,000 rows of 512 tokens those took 2.4 GB and 40 s)."""
     blocks = (pc.list_value_length(block["input_ids"]).to_numpy(zero_copy_only=False)
               for block in dataset.with_format("arrow").iter(batch_size=rows_per_read))
     return np.concatenate(list(blocks)).tolist()
+
+
+def column_values(dataset: datasets.Dataset, name: str, rows_per_read: int = ROWS_PER_READ) -> np.ndarray:
+    """A column of scalars as one NumPy array, read as Arrow blocks (datasets' NumPy format formats row by row:
+    20 s for 650,000 labels)."""
+    blocks = (block[name].to_numpy() for block in dataset.with_format("arrow").iter(batch_size=rows_per_read))
+    return np.concatenate(list(blocks))

@@ -25,6 +25,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokeni
 from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.utils import ModelOutput
 
+from launcher.data.loaders import column_values
 from launcher.data.labels import LabelSpace, labelled_text_columns, resolve_labels
 from launcher.data.sources import Splits
 from launcher.model.forward_routes import add_forward_route
@@ -158,7 +159,7 @@ class CausalLanguageModeling(Task):
         enable_trained_token_batches(model)
 
     def class_ids(self, train: datasets.Dataset) -> Optional[list[int]]:
-        return list(train["class_id"]) if self.labelled else None
+        return column_values(train, "class_id").tolist() if self.labelled else None
 
     def collators(self) -> tuple[Collator, Collator]:
         multiple = 8 if self.recipe.training.precision != "fp32" else None

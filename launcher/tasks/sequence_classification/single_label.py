@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, PretrainedConfig, PreTrainedTokenizerBase
 
+from launcher.data.loaders import column_values
 from launcher.data.labels import LabelEncoder, LabelSpace, class_id_encoder, labelled_text_columns, resolve_labels
 from launcher.data.sources import DataError, Splits
 from launcher.recipe.schema import Recipe
@@ -74,7 +75,7 @@ class SequenceClassification(PredictingTask):
     def prepare(cls, recipe: Recipe, tokenizer: PreTrainedTokenizerBase, splits: Splits) -> Prepared:
         labels = cls.resolve_labels(recipe, splits)
         tokenized = tokenize_splits(splits, recipe.data, tokenizer, cls.label_encoder(recipe, labels))
-        weights = cls.loss_weights(recipe, labels, tokenized.train.with_format("numpy")["labels"])
+        weights = cls.loss_weights(recipe, labels, column_values(tokenized.train, "labels"))
         notes = [] if weights is None else [cls.weights_note(recipe, labels, weights)]
         return Prepared(cls(recipe, tokenizer, labels, weights), tokenized, notes)
 
@@ -119,7 +120,7 @@ class SequenceClassification(PredictingTask):
             enable_packed_batches(model)
 
     def class_ids(self, train: datasets.Dataset) -> Optional[list[int]]:
-        return np.asarray(train.with_format("numpy")["labels"]).tolist()
+        return column_values(train, "labels").tolist()
 
     def collators(self) -> tuple[Collator, Collator]:
         padded = build_collator(self.tokenizer, self.recipe)
