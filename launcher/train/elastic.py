@@ -71,7 +71,8 @@ def fit_to_world_size(recipe: Recipe, world_size: int) -> tuple[Recipe, list[str
     accumulation = accumulation_for(identity["global_batch"], training.per_device_batch_size, world_size)
     changed = recipe.model_copy(update={"training": training.model_copy(update={"gradient_accumulation_steps": accumulation})})
     note = (f"resume on {world_size} process(es), checkpoint written by {identity['world_size']}: gradient accumulation "
-            f"{training.gradient_accumulation_steps} -> {accumulation} (per device {training.per_device_batch_size}) keeps the global batch {identity['global_batch']}, "
-            "so every step holds the same examples; ranks' random generators do not carry over (dropout masks differ)")
+            f"{training.gradient_accumulation_steps} -> {accumulation} (per device {training.per_device_batch_size}) keeps "
+            f"the global batch {identity['global_batch']}, so every step holds the same examples; ranks' random "
+            "generators do not carry over (dropout masks differ)")
     return changed, [note]
 
