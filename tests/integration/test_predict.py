@@ -17,7 +17,8 @@ from builders import rating_rows, sentiment_rows, topic_rows, write_csv, write_j
 from recipes import tiny_recipe, write_recipe
 from launching import CPU_DEEPSPEED, launch
 from runs import REPO, assert_predictions_agree, read_csv, run_in_process
-from launcher.predict import main as predict, written_atomically
+from launcher.predict import main as predict
+from launcher.serve.files import written_atomically
 from launcher.recipe.loading import load_recipe
 from launcher.train.run_directory import read_run_summary
 
