@@ -26,7 +26,7 @@ from transformers import AutoConfig
 from launcher.distributed.devices import DeviceInfo, detect_device, native_bf16
 from benchmarks.flops import PeakFlops, TransformerShape, peak_bf16_flops, shape_from_pretrained
 from launcher.recipe.loading import load_recipe
-from launcher.recipe.schema import Recipe
+from launcher.recipe.schema import PREFERENCE_TASK_TYPES, Recipe
 from launcher.tasks.sequence_classification.packing import packing_problem
 from launcher.train.reporting import read_metrics_log
 
@@ -38,7 +38,7 @@ from benchmarks.tutorial_baselines import baseline_lengths
 
 REPO = Path(__file__).resolve().parent.parent
 RUN_PY = REPO / "launcher" / "run.py"
-BASELINES = ("tutorial_max_length", "tutorial_dynamic", "trl_padded", "trl_padding_free")
+BASELINES = ("tutorial_max_length", "tutorial_dynamic", "trl_padded", "trl_padding_free", "trl_reward", "trl_dpo")
 
 
 @dataclass(frozen=True)
@@ -47,10 +47,11 @@ class Variant:
     why: str
     tutorial_way: Optional[str] = None  # set for the baselines, which run benchmarks.tutorial_baselines
     trl_way: Optional[str] = None  # set for the SFT baselines, which run benchmarks.trl_baseline
+    trl_preference_way: Optional[str] = None  # set for the reward / dpo baselines (benchmarks.trl_preference_baseline)
     overrides: tuple[str, ...] = ()
     env: tuple[tuple[str, str], ...] = ()
-    needs: Optional[str] = None  # "bf16", "cpu", "packing", "classification" or "causal_lm": skipped where the
-    # hardware, the model or the recipe's task lacks it
+    needs: Optional[str] = None  # "bf16", "cpu", "packing" or a task type ("classification", "causal_lm", "reward",
+    # "dpo"): skipped where the hardware, the model or the recipe's task lacks it
     script: Optional[str] = None  # entry point relative to the repository root; default launcher/run.py
 
     @property
@@ -60,6 +61,8 @@ class Variant:
             return "benchmarks.tutorial_baselines", self.tutorial_way
         if self.trl_way:
             return "benchmarks.trl_baseline", self.trl_way
+        if self.trl_preference_way:
+            return "benchmarks.trl_preference_baseline", self.trl_preference_way
         return None
 
 
@@ -72,6 +75,10 @@ VARIANTS = (
             trl_way="padded", needs="causal_lm"),
     Variant("trl_padding_free", "SFT baseline 2: TRL SFTTrainer, completion-only loss, padding_free=True",
             trl_way="padding_free", needs="causal_lm"),
+    Variant("trl_reward", "reward baseline: TRL RewardTrainer, each batch padded to its longest", trl_preference_way="reward",
+            needs="reward"),
+    Variant("trl_dpo", "DPO baseline: TRL DPOTrainer, each batch padded to its longest", trl_preference_way="dpo",
+            needs="dpo"),
     Variant("launcher_default", "the recipe as given"),
     Variant("launcher_dynamic", "dynamic padding, random batches", overrides=("data.padding=dynamic", "data.group_by_length=false")),
     Variant("launcher_group_by_length", "dynamic padding, length-grouped batches", overrides=("data.padding=dynamic", "data.group_by_length=true")),
@@ -87,6 +94,7 @@ VARIANTS = (
     Variant("launcher_deferred_sync_pinned", "as launcher_deferred_sync, and pinned batches copied without blocking",
             env=(("DEFERRED_SYNC_EVERY", "10"), ("DEFERRED_SYNC_PINNED", "1")), script="benchmarks/device/deferred_sync.py"),
 )
+TASK_NEEDS = {"classification": "sequence_classification", "causal_lm": "causal_lm", "reward": "reward", "dpo": "dpo"}
 DEFAULT_VARIANTS = tuple(v.name for v in VARIANTS if v.name != "launcher_compile" and not v.script)
 
 
@@ -141,13 +149,15 @@ def select_variants(names: str, plan: Plan) -> list[Variant]:
 
 
 def runs_on(variant: Variant, plan: Plan) -> bool:
-    if variant.needs in ("classification", "causal_lm"):
-        return (plan.recipe.task.type == "causal_lm") == (variant.needs == "causal_lm")
+    if variant.needs in TASK_NEEDS:
+        return TASK_NEEDS[variant.needs] == plan.recipe.task.type
     if variant.needs == "cpu":
         return plan.device.type == "cpu"
     if variant.needs == "bf16":
         return native_bf16(plan.device)
     if variant.needs == "packing":
+        if plan.recipe.task.type in PREFERENCE_TASK_TYPES:  # a pair's answers run side by side, never packed
+            return False
         config = AutoConfig.from_pretrained(plan.recipe.model.name_or_path, trust_remote_code=plan.recipe.model.trust_remote_code)
         return packing_problem(config.model_type) is None
     return True
@@ -191,8 +201,9 @@ def token_lengths(plan: Plan, variant: Variant) -> dict[str, Any]:
     """Where the variant's texts end and what they are padded to (`batch`: each batch's longest; `none`: packed)."""
     if variant.tutorial_way:
         return baseline_lengths(plan.recipe, variant.tutorial_way)
-    if variant.trl_way:
-        return {"truncate_at": plan.recipe.data.max_length, "pad_to": "batch" if variant.trl_way == "padded" else "none"}
+    if variant.trl_way or variant.trl_preference_way:
+        pad_to = "none" if variant.trl_way == "padding_free" else "batch"
+        return {"truncate_at": plan.recipe.data.max_length, "pad_to": pad_to}
     data = load_recipe(plan.recipe_path, [*plan.overrides, *variant.overrides]).data
     return {"truncate_at": data.max_length, "pad_to": {"max_length": data.max_length, "dynamic": "batch", "packed": "none"}[data.padding]}
 

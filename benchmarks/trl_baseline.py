@@ -32,9 +32,8 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase, TrainingArguments
 
-from benchmarks.tutorial_baselines import CountingCollator, StepClock, baseline_main, training_arguments
+from benchmarks.tutorial_baselines import CountingCollator, StepClock, baseline_main, device_peak, training_arguments
 from launcher.data.sources import load_splits
-from launcher.distributed.devices import detect_device, peak_allocated_bytes
 from launcher.model.loading import load_model, load_tokenizer
 from launcher.recipe.schema import Recipe
 from launcher.tasks.causal_lm.rendering import IGNORE
@@ -160,10 +159,7 @@ def run_baseline(recipe: Recipe, way: str, steps: int, out: Path) -> list[dict[s
     record = {"kind": "eval", "step": steps, **launcher_evaluation(trainer, task, launcher_tokens.eval),
               "trl_eval_loss": trainer.evaluate()["eval_loss"], "truncate_at": recipe.data.max_length,
               "pad_to": "batch" if way == "padded" else "none", "rows_over_max_length": {"train": train_over, "eval": eval_over}}
-    peak = peak_allocated_bytes(detect_device().type)
-    if peak is not None:
-        record["peak_device_memory_bytes"] = peak
-    return [*clock.records, record]
+    return [*clock.records, record | device_peak()]
 
 
 def main(argv: Optional[list[str]] = None) -> int:

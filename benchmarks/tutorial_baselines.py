@@ -176,10 +176,13 @@ def run_baseline(recipe: Recipe, way: str, steps: int, out: Path) -> list[dict[s
     metrics = compute_metrics(recipe.metric_names, np.argmax(prediction.predictions, axis=-1), prediction.label_ids)
     evaluation = {"kind": "eval", "step": steps, "loss": prediction.metrics["test_loss"], **metrics,
                   "examples": len(prediction.label_ids), **lengths}
+    return [*clock.records, evaluation | device_peak()]
+
+
+def device_peak() -> dict[str, int]:
+    """The device allocator's high-water mark for the eval record (nothing on CPU)."""
     peak = peak_allocated_bytes(detect_device().type)
-    if peak is not None:
-        evaluation["peak_device_memory_bytes"] = peak
-    return [*clock.records, evaluation]
+    return {} if peak is None else {"peak_device_memory_bytes": peak}
 
 
 def tutorial_max_length(recipe: Recipe) -> int:

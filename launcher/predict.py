@@ -73,7 +73,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     output = Path(args.output)
     try:
         predictor = load_predictor(Path(args.source), args.overrides, args.evaluate)
-        dataset = read_input(args.input, predictor.recipe, args.evaluate, predictor.task)
+        dataset = read_input(args.input, args.evaluate, predictor.task)
         logits = predictor.task.logits(predictor.model, dataset, args.batch_size, predictor.device)
         evaluation = evaluate(predictor, dataset, logits, args.input) if args.evaluate else None
         write_rows(output_rows(dataset, predictor.task.prediction_columns(logits), output), output)

@@ -26,7 +26,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from faults import restore_signal_handlers  # noqa: F401 (a fixture, for every folder)
 from slurm_cluster import slurm_cluster  # noqa: F401 (a fixture, for every folder)
-from builders import build_tiny_bert, build_tiny_llama, sentiment_rows, sft_rows, write_csv, write_jsonl
+from builders import build_tiny_bert, build_tiny_llama, preference_rows, sentiment_rows, sft_rows, write_csv, write_jsonl
 from recipes import write_run
 from runs import run_cli
 
@@ -50,6 +50,8 @@ def assets(tmp_path_factory) -> dict[str, Path]:
         "chat_llama": build_tiny_llama(root / "chat_llama", chat=True),
         "sft_train": write_jsonl(root / "sft_train.jsonl", sft_rows(64, seed=4)),
         "sft_eval": write_jsonl(root / "sft_eval.jsonl", sft_rows(16, seed=5)),
+        "pairs_train": write_jsonl(root / "pairs_train.jsonl", preference_rows(48, seed=6)),
+        "pairs_eval": write_jsonl(root / "pairs_eval.jsonl", preference_rows(16, seed=7)),
     }
 
 

@@ -171,7 +171,7 @@ def estimate_memory(size: ModelSize, topology: Topology, recipe: Recipe) -> Memo
     else:
         estimate = torch_states(size, topology, DTYPE_BYTES[recipe.model.load_dtype])
     estimate.device_bytes["activations"] = activation_bytes(size, recipe)
-    estimate.device_bytes |= task_class(recipe).memory_rows(recipe, size.vocab_size)
+    estimate.device_bytes |= task_class(recipe).memory_rows(recipe, size.vocab_size, size.total)
     estimate.device_bytes["runtime overhead"] = RUNTIME_OVERHEAD_BYTES
     return estimate
 
@@ -231,7 +231,8 @@ def activation_bytes(size: ModelSize, recipe: Recipe) -> float:
     backward, plus 5*a*s^2*b for materialised attention scores (eager attention only; SDPA / flash kernels do
     not keep them). With gradient checkpointing only each layer's 16-bit input stays (2*s*b*h) and one layer
     is recomputed at a time. s is data.max_length: an upper bound under dynamic padding."""
-    b, s, h, a = recipe.training.per_device_batch_size, recipe.data.max_length, size.hidden_size, size.heads
+    b = recipe.training.per_device_batch_size * task_class(recipe).sequences_per_example  # a pair runs two
+    s, h, a = recipe.data.max_length, size.hidden_size, size.heads
     scale = 1 if recipe.training.precision in ("bf16", "fp16") else 2  # fp32 activations are twice the bytes
     attention = 5 * a * s * s * b if recipe.model.attn_implementation == "eager" else 0
     layer = (34 * s * b * h + attention) * scale

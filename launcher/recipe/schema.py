@@ -138,7 +138,8 @@ class DataSection(Section):
 class ClassificationTask(Section):
     type: Literal["sequence_classification"] = "sequence_classification"
     """What the model learns: `sequence_classification` (a classification head: BERT's `classifier`, a decoder's
-    `score` on the last token; the default) or `causal_lm` (generative fine-tuning of the LM head, SFT)."""
+    `score` on the last token; the default), `causal_lm` (generative fine-tuning of the LM head, SFT), `reward`
+    (a reward model on preference pairs) or `dpo` (preference tuning of the LM head)."""
     problem_type: ProblemType = "single_label"
     """`single_label`: one class per example (softmax, cross-entropy). `multi_label`: any number of classes per
     example (a sigmoid per class, binary cross-entropy; labels as a list per row or `data.label_columns`).
@@ -238,6 +239,73 @@ class CausalLMTask(Section):
         return len(self.label_words) if self.label_words else None
 
 
+class PreferenceTask(Section):
+    """What reward modelling and DPO share: rows of a prompt with a chosen and a rejected answer."""
+
+    prompt_field: Optional[str] = "prompt"
+    """Column holding the prompt: text, or a list of chat messages (`[{role, content}, ...]`). null: the prompt is
+    the beginning that `chosen` and `rejected` share (whole conversations, as in `trl-lib/ultrafeedback_binarized`,
+    or whole dialogue texts, as in the raw `Anthropic/hh-rlhf`)."""
+    chosen_field: str = "chosen"
+    """Column holding the preferred answer: text, or the assistant turn(s) as chat messages (a conversation that
+    repeats the prompt's turns first is read from where they end)."""
+    rejected_field: str = "rejected"
+    """Column holding the other answer, in the same form as `chosen_field`."""
+    margin_field: Optional[str] = None
+    """Optional column of a number per row: how much better chosen is, subtracted inside the loss (the reward
+    model's `-log sigmoid(r_chosen - r_rejected - margin)`, as in Llama 2's reward models and TRL's `margin`)."""
+    use_chat_template: bool = True
+    """Text prompts are rendered as a user turn and each answer as the assistant turn with the chat template; false
+    (or a tokenizer without one) joins prompt and answer as plain text with the EOS token after the answer.
+    Conversations always use the chat template."""
+    system_prompt: Optional[str] = None
+    """Text prompts under the chat template: a system message before the prompt."""
+    chat_template: Optional[str] = None
+    """A Jinja chat template for a tokenizer that has none (it is saved with the exported tokenizer)."""
+    shorten: Literal["start", "end"] = "start"
+    """A pair too long for `data.max_length` has its prompt shortened, never its answers: `start` cuts the prompt's
+    beginning (keeping the turn the answers reply to), `end` its end. The plan counts the shortened pairs."""
+    on_truncated: Literal["drop", "fail"] = "drop"
+    """A pair whose answers alone (with the template) do not fit `data.max_length`: `drop` it (the plan counts
+    them) or `fail` naming the rows."""
+
+    @property
+    def format(self) -> str:
+        """How a text row becomes text, for the renderer shared with causal_lm: a prompt, then an answer."""
+        return "prompt_completion"
+
+    @property
+    def label_count(self) -> Optional[int]:
+        return None  # pairs, not classes
+
+
+class RewardTask(PreferenceTask):
+    type: Literal["reward"]
+    """`reward`: a reward model: `AutoModelForSequenceClassification` with one output scoring prompt + answer,
+    trained so that the chosen answer scores above the rejected one (`-log sigmoid(r_chosen - r_rejected)`, the
+    loss averaged over the pairs of each optimizer step across micro-batches and processes)."""
+    center_rewards_coefficient: Optional[float] = Field(default=None, gt=0.0)
+    """Also pull rewards towards 0: adds `coef * mean((r_chosen + r_rejected)^2)` (Eisenstein et al. 2023; TRL's
+    `center_rewards_coefficient`, 0.01 suggested). null: off."""
+
+
+class DPOTask(PreferenceTask):
+    type: Literal["dpo"]
+    """`dpo`: direct preference optimization of a causal LM (Rafailov et al. 2023): the policy is the model being
+    trained, the reference is the starting model; the loss is on the answers' tokens only (prompt masked), from
+    each answer's summed log-probs, averaged over the pairs of each optimizer step."""
+    beta: float = Field(default=0.1, gt=0.0)
+    """How far the policy may move from the reference: the implicit reward is `beta * (log pi - log ref)`."""
+    loss_type: Literal["sigmoid", "hinge"] = "sigmoid"
+    """`sigmoid`: DPO's `-log sigmoid(beta * margin)`; `hinge`: SLiC's `max(0, 1 - beta * margin)`, where margin is
+    (chosen - rejected) of (policy - reference) log-probs."""
+    generations: int = Field(default=4, ge=0)
+    """Greedy generations from this many eval prompts at each evaluation (with the chosen and rejected answers
+    beside them), written to `generations/step-N.jsonl`."""
+    max_new_tokens: int = Field(default=48, ge=1)
+    """Length limit of those generations."""
+
+
 def task_type_of(value: Any) -> Any:
     """The union's tag: `type`, which classification recipes may leave out (it is the default); None (a missing
     tag) when causal_lm keys stand there without it."""
@@ -250,10 +318,15 @@ def task_type_of(value: Any) -> Any:
 
 
 TaskSection = Annotated[
-    Union[Annotated[ClassificationTask, Tag("sequence_classification")], Annotated[CausalLMTask, Tag("causal_lm")]],
+    Union[Annotated[ClassificationTask, Tag("sequence_classification")], Annotated[CausalLMTask, Tag("causal_lm")],
+          Annotated[RewardTask, Tag("reward")], Annotated[DPOTask, Tag("dpo")]],
     Discriminator(task_type_of),
 ]
-TASK_TYPES = {"sequence_classification": ClassificationTask, "causal_lm": CausalLMTask}
+TASK_TYPES = {"sequence_classification": ClassificationTask, "causal_lm": CausalLMTask, "reward": RewardTask, "dpo": DPOTask}
+PREFERENCE_TASK_TYPES = ("reward", "dpo")
+PREFERENCE_METRICS = ("accuracy", "margin", "chosen_reward", "rejected_reward")
+"""What reward and dpo report besides the loss (the reward model adds its rewards' mean and spread, DPO both
+answers' log-probs)."""
 
 
 class TrainingSection(Section):
@@ -330,7 +403,8 @@ class EvaluationSection(Section):
     """Per-device eval batch; null uses twice the training per-device batch (no gradients to keep)."""
     before_training: Optional[bool] = None
     """Evaluate once before the first step, to see what fine-tuning bought (the zero-shot numbers of an LLM).
-    null: on for causal_lm, off for classification (whose new head is random)."""
+    null: on for causal_lm, dpo and reward (a reward model's new head scores pairs by chance: the baseline to
+    beat), off for classification (whose new head is random)."""
 
 
 class LoraSection(Section):
@@ -382,7 +456,8 @@ class Recipe(Section):
     model: ModelSection
     data: DataSection
     task: TaskSection
-    """What the model learns: a `sequence_classification` head or `causal_lm` generation (SFT); see `task.type`."""
+    """What the model learns: a `sequence_classification` head, `causal_lm` generation (SFT), a `reward` model or
+    `dpo` preference tuning; see `task.type`."""
     training: TrainingSection = TrainingSection()
     evaluation: EvaluationSection = EvaluationSection()
     lora: LoraSection = LoraSection()
@@ -392,7 +467,9 @@ class Recipe(Section):
     def _cross_section_rules(self) -> "Recipe":
         problems = []
         problem = self.problem_type
-        if problem is None and self.evaluation.metrics:
+        if self.task.type in PREFERENCE_TASK_TYPES:
+            problems += self.preference_problems()
+        elif problem is None and self.evaluation.metrics:
             problems.append(f"evaluation.metrics {self.evaluation.metrics} need labels: causal_lm format "
                             f"{self.task.format!r} reports eval loss and perplexity; use format labelled for accuracy / F1")
         foreign = [m for m in self.evaluation.metrics or [] if problem and m not in METRICS_OF_PROBLEM[problem]]
@@ -427,6 +504,23 @@ class Recipe(Section):
             raise ValueError("; ".join(problems))
         return self
 
+    def preference_problems(self) -> list[str]:
+        """What does not apply to preference pairs."""
+        problems = []
+        if self.evaluation.metrics:
+            problems.append(f"evaluation.metrics {self.evaluation.metrics}: task.type {self.task.type} reports its own "
+                            "(loss, pairwise accuracy, margins, reward statistics)")
+        if self.data.padding == "packed":
+            problems.append(f"data.padding packed: task.type {self.task.type} pads each pair's two answers side by "
+                            "side; use dynamic or max_length")
+        data_defaults = DataSection.model_fields
+        foreign = [name for name in ("text_pair_field", "label_columns", "label_names")
+                   if getattr(self.data, name) != data_defaults[name].default]
+        if foreign:
+            problems.append(f"data.{', data.'.join(foreign)} apply to labelled data; preference rows name their "
+                            "columns in task.prompt_field, task.chosen_field, task.rejected_field")
+        return problems
+
     @property
     def problem_type(self) -> Optional[str]:
         """What the evaluation scores: the classification problem type; labelled causal_lm picks one class per
@@ -437,7 +531,9 @@ class Recipe(Section):
 
     @property
     def metric_names(self) -> list[str]:
-        """The metrics to compute: the recipe's, or the problem type's default."""
+        """The metrics to compute: the recipe's, or the problem type's default (the pair tasks' own)."""
+        if self.task.type in PREFERENCE_TASK_TYPES:
+            return list(PREFERENCE_METRICS)
         if self.evaluation.metrics is not None:
             return list(self.evaluation.metrics)
         return list(DEFAULT_METRICS[self.problem_type]) if self.problem_type else []
@@ -446,7 +542,7 @@ class Recipe(Section):
     def evaluates_before_training(self) -> bool:
         if self.evaluation.before_training is not None:
             return self.evaluation.before_training
-        return self.task.type == "causal_lm"
+        return self.task.type != "sequence_classification"
 
     @property
     def eval_batch_size(self) -> int:

@@ -11,23 +11,15 @@ from typing import Iterator
 
 import datasets
 
-from launcher.data.labels import check_labels_present
-from launcher.data.sources import FILE_BUILDERS, check_dataset_columns, load_file as load_data_file
-from launcher.recipe.schema import Recipe
+from launcher.data.sources import FILE_BUILDERS, load_file as load_data_file
 from launcher.serve.trained import PredictError
 from launcher.tasks.base import PredictingTask
-from launcher.tasks.sequence_classification.tokenization import check_texts
 
 
-def read_input(path: str, recipe: Recipe, evaluate: bool, task: PredictingTask) -> datasets.Dataset:
-    """The input rows, with the text columns (and, to evaluate, the label columns) checked."""
+def read_input(path: str, evaluate: bool, task: PredictingTask) -> datasets.Dataset:
+    """The input rows, with what the task reads (and, to evaluate, its targets) checked as training checks them."""
     dataset = load_data_file(path)
-    data = recipe.data
-    texts = [data.text_field] + ([data.text_pair_field] if data.text_pair_field else [])
-    check_dataset_columns(dataset, path, task.columns(recipe) if evaluate else texts)
-    check_texts(dataset.to_dict(), texts, list(range(len(dataset))), path)
-    if evaluate and not data.label_columns:
-        check_labels_present(dataset, path, data.label_field)
+    task.check_input(dataset, path, evaluate)
     return dataset
 
 

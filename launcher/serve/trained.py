@@ -1,4 +1,4 @@
-"""A trained classifier found and rebuilt from what a run left: a run directory, an exported model, a LoRA adapter
+"""A trained classifier (or reward model) found and rebuilt from what a run left: a run directory, an exported model, a LoRA adapter
 or a checkpoint, with the run's recipe (overrides apply to the input), its task and, to evaluate, the loss weights
 the run trained with."""
 
@@ -87,8 +87,8 @@ def recipe_for(source: Source, overrides: list[str]) -> Recipe:
         raw["model"]["name_or_path"] = str(source.folder)  # the trained weights, not the run's starting point
     recipe = build_recipe(raw, overrides, str(source.recipe_file or source.folder))
     if predicting_task_class(recipe) is None:
-        raise PredictError(f"{source.folder}: launcher.predict serves classification and regression models; a causal_lm "
-                           "model generates text (AutoModelForCausalLM.generate)")
+        raise PredictError(f"{source.folder}: launcher.predict serves classifiers, regression and reward models; a "
+                           f"{recipe.task.type} model generates text (AutoModelForCausalLM.generate)")
     return recipe
 
 
@@ -108,7 +108,7 @@ def load_predictor(path: Path, overrides: list[str], evaluate: bool) -> Predicto
     if evaluate and recipe.training.class_weights is not None:
         weights = training_class_weights(recipe_for(source, []), task_type, labels)
     device = torch.device(detect_device().type)
-    print(f"predict: {source.kind} {source.folder} ({recipe.task.problem_type}, {len(labels.names)} output(s) "
+    print(f"predict: {source.kind} {source.folder} ({task_type.describe(recipe)}; {len(labels.names)} output(s) "
           f"{labels.names[:8]}{' ...' if len(labels.names) > 8 else ''}) on {device}")
     return Predictor(recipe, task_type(recipe, tokenizer, labels, weights), model.to(device).eval(), device)
 

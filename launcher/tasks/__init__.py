@@ -1,5 +1,6 @@
 """One module per kind of fine-tuning behind `launcher.tasks.base.Task`, chosen once from the recipe's `task`
-(its `type`, and for classification its `problem_type`)."""
+(its `type`, and for classification its `problem_type`): classification (`sequence_classification/`), SFT
+(`causal_lm/`), reward modelling and DPO (`preference/`)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from launcher.data.sources import Splits, load_splits
 from launcher.recipe.schema import Recipe
 from launcher.tasks.base import PredictingTask, Prepared, Task
 from launcher.tasks.causal_lm.task import CausalLanguageModeling
+from launcher.tasks.preference.dpo import DirectPreferenceOptimization
+from launcher.tasks.preference.reward import RewardModeling
 from launcher.tasks.sequence_classification.multi_label import MultiLabelClassification
 from launcher.tasks.sequence_classification.regression import Regression
 from launcher.tasks.sequence_classification.single_label import SequenceClassification
@@ -22,14 +25,20 @@ CLASSIFICATION_PROBLEMS: dict[str, type[SequenceClassification]] = {
 }
 
 
-TASK_OUTPUT_FILES = tuple(dict.fromkeys(name for task in (CausalLanguageModeling, *CLASSIFICATION_PROBLEMS.values())
+TASKS_OF_TYPE: dict[str, type[Task]] = {
+    "causal_lm": CausalLanguageModeling, "reward": RewardModeling, "dpo": DirectPreferenceOptimization,
+}
+"""The task of every `task.type` but sequence_classification, whose task is its problem type's."""
+
+
+TASK_OUTPUT_FILES = tuple(dict.fromkeys(name for task in (*TASKS_OF_TYPE.values(), *CLASSIFICATION_PROBLEMS.values())
                                         for name in task.output_files))
 """What any task writes into a run directory."""
 
 
 def task_class(recipe: Recipe) -> type[Task]:
-    if recipe.task.type == "causal_lm":
-        return CausalLanguageModeling
+    if recipe.task.type in TASKS_OF_TYPE:
+        return TASKS_OF_TYPE[recipe.task.type]
     return CLASSIFICATION_PROBLEMS[recipe.task.problem_type]
 
 

@@ -72,6 +72,9 @@ class Task(ABC):
     """What peft is told the model does (which modules it keeps trainable besides the adapters)."""
     output_files: tuple[str, ...] = ()
     """What the task writes into the run directory besides the loop's outputs (plots, generations)."""
+    sequences_per_example: int = 1
+    """Token sequences the model runs per example (a preference pair: its two answers), for the memory plan's
+    activations."""
 
     def __init__(self, recipe: Recipe, tokenizer: PreTrainedTokenizerBase):
         self.recipe = recipe
@@ -94,8 +97,9 @@ class Task(ABC):
         return {}
 
     @classmethod
-    def memory_rows(cls, recipe: Recipe, vocab_size: int) -> dict[str, float]:
-        """Per-device bytes the task adds to the memory plan's rows (named), besides weights, states, activations."""
+    def memory_rows(cls, recipe: Recipe, vocab_size: int, parameters: int) -> dict[str, float]:
+        """Per-device bytes the task adds to the memory plan's rows (named), besides weights, states, activations;
+        `parameters` counts the model's weights."""
         return {}
 
     @classmethod
@@ -166,6 +170,11 @@ class PredictingTask(Task):
     def loss_weights(cls, recipe: Recipe, labels: LabelSpace, targets: np.ndarray) -> Optional[torch.Tensor]:
         """`training.class_weights` worked out from the training targets; None when the loss is unweighted."""
         return None
+
+    @abstractmethod
+    def check_input(self, dataset: datasets.Dataset, origin: str, evaluate: bool) -> None:
+        """Predict's input rows hold what `logits` reads (to `evaluate`, the targets too), as training checks its
+        rows, or a DataError names the column and rows."""
 
     @abstractmethod
     def logits(self, model: torch.nn.Module, dataset: datasets.Dataset, batch_size: int, device: torch.device) -> torch.Tensor:

@@ -138,3 +138,24 @@ def rating_rows(n: int, seed: int) -> list[dict]:
     rng = random.Random(seed)
     return [{"text": row["text"], "score": round((4.0 if row["label"] else 1.0) + rng.uniform(-0.8, 0.8), 2)}
             for row in sentiment_rows(n, seed)]
+
+
+def preference_rows(n: int, seed: int) -> list[dict]:
+    """Preference pairs: a review as the prompt, the chosen answer in its sentiment and the rejected one in the
+    other (1 to 6 words each, so pairs differ in length); also as chat messages (`chat_prompt`, `chat_chosen`,
+    `chat_rejected`) and as whole conversations (`conversation_chosen`, `conversation_rejected`)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        positive = rng.random() < 0.5
+        prompt = " ".join(rng.choice(FILLER) for _ in range(rng.randint(2, 8))) + " " + rng.choice(POSITIVE if positive else NEGATIVE)
+        chosen, rejected = (" ".join(rng.choice(words) for _ in range(rng.randint(1, 6)))
+                            for words in ((POSITIVE, NEGATIVE) if positive else (NEGATIVE, POSITIVE)))
+        user = [{"role": "user", "content": prompt}]
+        rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected,
+                     "chat_prompt": user, "chat_chosen": [{"role": "assistant", "content": chosen}],
+                     "chat_rejected": [{"role": "assistant", "content": rejected}],
+                     "conversation_chosen": user + [{"role": "assistant", "content": chosen}],
+                     "conversation_rejected": user + [{"role": "assistant", "content": rejected}],
+                     "margin": round(rng.uniform(0.0, 1.0), 2)})
+    return rows

@@ -64,3 +64,15 @@ def write_run(folder: Path, start_model: dict[str, Path], per_device: int, accum
     recipe = tiny_recipe(start_model, folder / "out", model="start", training=training,
                          output={"save_every_epoch": False}, **sections)
     return write_recipe(folder / "recipe.yaml", recipe)
+
+
+def preference_recipe(assets, out: Path, task_type: str, **sections) -> dict:
+    """A small reward or dpo recipe on the tiny chat Llama's pairs; `sections` merge over these."""
+    data = {"train_file": str(assets["pairs_train"]), "eval_file": str(assets["pairs_eval"]), "max_length": 64}
+    recipe = tiny_recipe(assets, out, model="chat_llama", data=data,
+                         training={"epochs": 2, "lr": 1e-2, "per_device_batch_size": 4})
+    recipe["evaluation"] = {}  # the pair tasks report their own metrics
+    recipe["task"] = {"type": task_type, **({"generations": 2, "max_new_tokens": 4} if task_type == "dpo" else {})}
+    for name, values in sections.items():
+        recipe[name] = {**recipe.get(name, {}), **values}
+    return recipe

@@ -16,7 +16,7 @@ from typing import Any, Callable, Literal, Optional
 from transformers import PreTrainedTokenizerBase
 
 from launcher.data.sources import DataError
-from launcher.recipe.schema import CausalLMTask
+from launcher.recipe.schema import CausalLMTask, PreferenceTask
 
 ROLES = ("system", "user", "assistant")
 IGNORE = -100  # the target of a token that is not trained (PyTorch's cross-entropy ignore_index)
@@ -51,7 +51,7 @@ def check_messages(messages: Any, where: str) -> list[dict[str, str]]:
 class TextRenderer:
     """Turns rows into `Rendered` text for one recipe and tokenizer."""
 
-    def __init__(self, task: CausalLMTask, tokenizer: PreTrainedTokenizerBase):
+    def __init__(self, task: CausalLMTask | PreferenceTask, tokenizer: PreTrainedTokenizerBase):
         self.task = task
         self.tokenizer = tokenizer
         if task.chat_template and not tokenizer.chat_template:

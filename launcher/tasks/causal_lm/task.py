@@ -9,7 +9,6 @@ taking the most likely (restricted choice, as lm-eval-harness does; multi-token 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -22,7 +21,6 @@ from accelerate import Accelerator
 from peft import TaskType
 from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
-from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.utils import ModelOutput
 
 from launcher.data.loaders import column_values
@@ -33,11 +31,9 @@ from launcher.recipe.schema import Recipe
 from launcher.tasks.base import Batch, Collator, Evaluation, Prepared, Task
 from launcher.tasks.causal_lm.batches import ChoiceCollator, PaddedSFTCollator, packed_sft_batch
 from launcher.tasks.causal_lm.examples import ExampleBuilder
+from launcher.tasks.causal_lm.generations import GENERATIONS, write_generations
 from launcher.tasks.causal_lm.rendering import IGNORE
 from launcher.tasks.metrics import compute_metrics
-
-
-GENERATIONS = "generations"  # the run directory's folder of greedy generations, one file per evaluation
 
 
 @dataclass
@@ -96,6 +92,16 @@ def per_row_sums(values: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
     return torch.zeros(selected.shape[0], device=values.device, dtype=values.dtype).index_add_(0, rows, values)
 
 
+def trained_logits_bytes(recipe: Recipe, vocab_size: int, sequences_per_example: int) -> float:
+    """The LM head runs on the trained tokens only (at most batch x sequences x max_length of them), each a row of
+    vocab logits kept in the compute dtype for backward, upcast to fp32 for the loss, and its fp32 gradient: 2 + 4 +
+    4 bytes per logit under mixed precision, 4 + 4 + 4 in fp32. For Llama 3 (128k vocab) at batch 4 x 512 tokens
+    that is 2.4 GiB per device, which computing logits for every position would spend on prompts too."""
+    tokens = recipe.training.per_device_batch_size * sequences_per_example * recipe.data.max_length
+    compute_bytes = 2 if recipe.training.precision in ("bf16", "fp16") else 4
+    return tokens * vocab_size * (compute_bytes + 4 + 4)
+
+
 class CausalLanguageModeling(Task):
     model_class = AutoModelForCausalLM
     peft_task_type = TaskType.CAUSAL_LM
@@ -120,14 +126,8 @@ class CausalLanguageModeling(Task):
         return f"causal LM SFT, format {recipe.task.format} (loss on the {trained} only)"
 
     @classmethod
-    def memory_rows(cls, recipe: Recipe, vocab_size: int) -> dict[str, float]:
-        """The LM head runs on the trained tokens only (at most batch x max_length of them), each a row of vocab
-        logits kept in the compute dtype for backward, upcast to fp32 for the loss, and its fp32 gradient: 2 + 4 + 4
-        bytes per logit under mixed precision, 4 + 4 + 4 in fp32. For Llama 3 (128k vocab) at batch 4 x 512 tokens
-        that is 2.4 GiB per device, which computing logits for every position would spend on prompts too."""
-        tokens = recipe.training.per_device_batch_size * recipe.data.max_length
-        compute_bytes = 2 if recipe.training.precision in ("bf16", "fp16") else 4
-        return {"LM-head logits of the trained tokens": tokens * vocab_size * (compute_bytes + 4 + 4)}
+    def memory_rows(cls, recipe: Recipe, vocab_size: int, parameters: int) -> dict[str, float]:
+        return {"LM-head logits of the trained tokens": trained_logits_bytes(recipe, vocab_size, cls.sequences_per_example)}
 
     @classmethod
     def columns(cls, recipe: Recipe) -> list[str]:
@@ -206,25 +206,9 @@ class CausalLanguageModeling(Task):
         answer_logprob = -per_row_sums(out.token_losses * answer_mask[out.selected], out.selected)
         return answer_logprob.view(-1, classes), examples * classes + label
 
-    @torch.no_grad()
     def report(self, evaluation: Evaluation, model: torch.nn.Module, accelerator: Accelerator, step: int,
                run_dir: Path) -> None:
-        """Greedy continuations of the first eval prompts, next to what the data says (every rank generates: under
-        ZeRO-3 each forward gathers the layers collectively)."""
-        if not self.generation_prompts:
-            return
-        generator = accelerator.unwrap_model(model)
-        records = []
-        for example in self.generation_prompts:
-            plain = not (self.examples.renderer.has_template and (self.recipe.task.format == "chat" or self.recipe.task.use_chat_template))
-            inputs = self.tokenizer(example["prompt"], add_special_tokens=plain, return_tensors="pt").to(accelerator.device)
-            output = generator.generate(**inputs, max_new_tokens=self.recipe.task.max_new_tokens, do_sample=False,
-                                        pad_token_id=self.tokenizer.pad_token_id, synced_gpus=is_deepspeed_zero3_enabled())
-            generated = self.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-            records.append({**example, "generated": generated})
-        if accelerator.is_main_process:
-            folder = run_dir / GENERATIONS
-            folder.mkdir(exist_ok=True)
-            lines = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
-            (folder / f"step-{step:08d}.jsonl").write_text(lines, encoding="utf-8")
-
+        """Greedy continuations of the first eval prompts, next to what the data says."""
+        plain = not (self.examples.renderer.has_template and (self.recipe.task.format == "chat" or self.recipe.task.use_chat_template))
+        write_generations(model, self.tokenizer, self.generation_prompts, plain, self.recipe.task.max_new_tokens,
+                          accelerator, step, run_dir)

@@ -22,14 +22,14 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, PretrainedConfig, PreTrainedTokenizerBase
 
 from launcher.data.loaders import column_values
-from launcher.data.labels import LabelEncoder, LabelSpace, class_id_encoder, labelled_text_columns, resolve_labels
-from launcher.data.sources import DataError, Splits
+from launcher.data.labels import LabelEncoder, LabelSpace, check_labels_present, class_id_encoder, labelled_text_columns, resolve_labels
+from launcher.data.sources import DataError, Splits, check_dataset_columns
 from launcher.recipe.schema import Recipe
 from launcher.tasks.base import Batch, Collator, Evaluation, PredictingTask, Prepared
 from launcher.tasks.metrics import compute_metrics, per_class_report, per_class_table, write_confusion_png
 from launcher.tasks.sequence_classification.batches import PackedCollator, build_collator
 from launcher.tasks.sequence_classification.packing import enable_packed_batches
-from launcher.tasks.sequence_classification.tokenization import tokenize_splits, tokenize_texts
+from launcher.tasks.sequence_classification.tokenization import check_texts, tokenize_splits, tokenize_texts
 
 
 CONFUSION_PNG = "confusion.png"
@@ -42,6 +42,22 @@ def texts_of(recipe: Recipe) -> str:
 def model_inputs(batch: Batch) -> Batch:
     """The batch without its labels: the task computes the loss from the logits itself."""
     return {name: value for name, value in batch.items() if name != "labels"}
+
+
+@torch.no_grad()
+def scores_of(model: torch.nn.Module, rows: list[dict[str, list[int]]], tokenizer: PreTrainedTokenizerBase,
+              batch_size: int, device: torch.device) -> torch.Tensor:
+    """The classifier's logits (fp32, on the CPU) of every tokenized row (`input_ids`, and `token_type_ids` where a
+    pair has them), in input order: batches run longest first, each padded to its longest row."""
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i]["input_ids"]))
+    collate = DataCollatorWithPadding(tokenizer)
+    logits: list[Optional[torch.Tensor]] = [None] * len(rows)
+    for start in tqdm(range(0, len(order), batch_size), desc="predicting", unit="batch"):
+        chosen = order[start:start + batch_size]
+        batch = {name: tensor.to(device) for name, tensor in collate([rows[i] for i in chosen]).items()}
+        for index, row_logits in zip(chosen, model(**model_inputs(batch)).logits.float().cpu()):
+            logits[index] = row_logits
+    return torch.stack(logits)
 
 
 class SequenceClassification(PredictingTask):
@@ -146,20 +162,18 @@ class SequenceClassification(PredictingTask):
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         return logits.float().softmax(dim=-1)
 
-    @torch.no_grad()
+    def check_input(self, dataset: datasets.Dataset, origin: str, evaluate: bool) -> None:
+        data = self.recipe.data
+        texts = [data.text_field] + ([data.text_pair_field] if data.text_pair_field else [])
+        check_dataset_columns(dataset, origin, self.columns(self.recipe) if evaluate else texts)
+        check_texts(dataset.to_dict(), texts, list(range(len(dataset))), origin)
+        if evaluate and not data.label_columns:
+            check_labels_present(dataset, origin, data.label_field)
+
     def logits(self, model: torch.nn.Module, dataset: datasets.Dataset, batch_size: int, device: torch.device) -> torch.Tensor:
-        """Batches run longest first, each padded to its longest row."""
         encoded = tokenize_texts(dataset.to_dict(), self.recipe.data, self.tokenizer, padding=False)
         rows = [dict(zip(encoded.keys(), values)) for values in zip(*encoded.values())]
-        order = sorted(range(len(rows)), key=lambda i: -len(rows[i]["input_ids"]))
-        collate = DataCollatorWithPadding(self.tokenizer)
-        logits: list[Optional[torch.Tensor]] = [None] * len(rows)
-        for start in tqdm(range(0, len(order), batch_size), desc="predicting", unit="batch"):
-            chosen = order[start:start + batch_size]
-            batch = {name: tensor.to(device) for name, tensor in collate([rows[i] for i in chosen]).items()}
-            for index, row_logits in zip(chosen, model(**model_inputs(batch)).logits.float().cpu()):
-                logits[index] = row_logits
-        return torch.stack(logits)
+        return scores_of(model, rows, self.tokenizer, batch_size, device)
 
     def prediction_columns(self, logits: torch.Tensor) -> dict[str, list]:
         """The predicted class's name and id and every class's probability."""
