@@ -10,6 +10,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from builders import preference_rows, write_jsonl
@@ -279,6 +280,11 @@ def test_dpo_with_lora_under_zero3_matches_one_process(assets, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     losses = lambda run: [r["loss"] for r in read_metrics_log(run) if r["kind"] == "train"]  # noqa: E731
     assert losses(tmp_path / "zero3") == pytest.approx(losses(tmp_path / "one"), abs=1e-5)
+    adapter = lambda run: load_file(str(run / "adapter" / "adapter_model.safetensors"))  # noqa: E731
+    expected, got = adapter(tmp_path / "one"), adapter(tmp_path / "zero3")
+    assert expected.keys() == got.keys()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(got[name], tensor, rtol=0, atol=1e-5, msg=name)
 
 
 @pytest.mark.slow
