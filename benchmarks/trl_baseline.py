@@ -29,10 +29,11 @@ from typing import TYPE_CHECKING, Any, Optional
 import datasets
 import torch
 from accelerate.utils import set_seed
-from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase, TrainingArguments
 
-from benchmarks.tutorial_baselines import CountingCollator, StepClock, baseline_main, device_peak, training_arguments
+from benchmarks.tutorial_baselines import (
+    CountingCollator, StepClock, baseline_main, device_peak, launcher_evaluation, training_arguments,
+)
 from launcher.data.sources import load_splits
 from launcher.model.loading import load_model, load_tokenizer
 from launcher.recipe.schema import Recipe
@@ -40,7 +41,7 @@ from launcher.tasks.causal_lm.rendering import IGNORE
 from launcher.tasks.causal_lm.task import CausalLanguageModeling
 
 if TYPE_CHECKING:
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
 
 WAYS = ("padded", "padding_free")
 
@@ -111,30 +112,26 @@ def conversations(task: CausalLanguageModeling, split: datasets.Dataset, origin:
     return datasets.Dataset.from_list(kept), len(rows) - len(kept)
 
 
-def sft_config(recipe: Recipe, way: str, steps: int, out: Path) -> SFTConfig:
-    """The tutorial baselines' `TrainingArguments` (the recipe's batch, optimizer, schedule, seed) as an `SFTConfig`,
-    with TRL's own defaults that would change the work set back to the recipe's: TRL turns on gradient
-    checkpointing and bf16 by default."""
-    from trl import SFTConfig  # here: `benchmarks.compare` imports this module for classification recipes too
-
+def trl_arguments(recipe: Recipe, steps: int, out: Path) -> dict[str, Any]:
+    """The tutorial baselines' `TrainingArguments` (the recipe's batch, optimizer, schedule, seed) as keyword
+    arguments of a TRL config, with TRL's own defaults that would change the work set back to the recipe's: TRL
+    turns on gradient checkpointing and bf16 by default."""
     base = training_arguments(recipe, steps, out)
     shared = {f.name: getattr(base, f.name) for f in dataclasses.fields(TrainingArguments) if f.init}
+    return shared | {"gradient_checkpointing": recipe.model.gradient_checkpointing,
+                     "bf16": recipe.training.precision == "bf16", "fp16": recipe.training.precision == "fp16"}
+
+
+def sft_config(recipe: Recipe, way: str, steps: int, out: Path) -> SFTConfig:
+    """`trl_arguments` as an `SFTConfig`: completion-only loss, padded or padding-free."""
+    from trl import SFTConfig  # here: `benchmarks.compare` imports this module for classification recipes too
+
     return SFTConfig(
-        **{**shared, "gradient_checkpointing": recipe.model.gradient_checkpointing,
-           "bf16": recipe.training.precision == "bf16", "fp16": recipe.training.precision == "fp16"},
+        **trl_arguments(recipe, steps, out),
         completion_only_loss=True,
         padding_free=way == "padding_free",
         max_length=None if way == "padding_free" else recipe.data.max_length,
     )
-
-
-@torch.no_grad()
-def launcher_evaluation(trainer: SFTTrainer, task: CausalLanguageModeling, evaluation: datasets.Dataset) -> dict[str, float]:
-    """The launcher's own evaluation (loss over all trained eval tokens, restricted-choice accuracy) of the model."""
-    _, collate = task.collators()
-    loader = DataLoader(evaluation, batch_size=task.recipe.eval_batch_size, shuffle=False, collate_fn=collate)
-    trainer.model.eval()
-    return task.evaluate(trainer.model, loader, trainer.accelerator).metrics
 
 
 def run_baseline(recipe: Recipe, way: str, steps: int, out: Path) -> list[dict[str, Any]]:

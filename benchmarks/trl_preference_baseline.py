@@ -22,22 +22,20 @@ the rewards, or DPO's implicit-reward accuracy against the starting model), so b
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any, Optional
 
 import datasets
 import torch
 from accelerate.utils import set_seed
-from torch.utils.data import DataLoader
-from transformers import PreTrainedTokenizerBase, TrainingArguments
+from transformers import PreTrainedTokenizerBase
 
-from benchmarks.tutorial_baselines import CountingCollator, StepClock, baseline_main, device_peak, training_arguments
+from benchmarks.trl_baseline import trl_arguments
+from benchmarks.tutorial_baselines import CountingCollator, StepClock, baseline_main, device_peak, launcher_evaluation
 from launcher.data.sources import load_splits
 from launcher.model.loading import load_model, load_tokenizer
 from launcher.recipe.schema import Recipe
 from launcher.tasks import task_class
-from launcher.tasks.base import Task
 from launcher.tasks.preference.pairs import PairReader
 
 WAYS = ("reward", "dpo")
@@ -81,26 +79,13 @@ def conversations(recipe: Recipe, split: datasets.Dataset, origin: str) -> datas
 
 
 def trl_config(recipe: Recipe, way: str, steps: int, out: Path):
-    """The tutorial baselines' `TrainingArguments` as TRL's config of the way, with TRL's defaults that would change
-    the work set back to the recipe's (TRL turns on gradient checkpointing and bf16 by default)."""
+    """`trl_arguments` as TRL's config of the way, with the recipe's `max_length`, centring and `beta`."""
     from trl import DPOConfig, RewardConfig  # here: `benchmarks.compare` imports this module for every recipe
 
-    base = training_arguments(recipe, steps, out)
-    shared = {f.name: getattr(base, f.name) for f in dataclasses.fields(TrainingArguments) if f.init}
-    shared |= {"gradient_checkpointing": recipe.model.gradient_checkpointing, "max_length": recipe.data.max_length,
-               "bf16": recipe.training.precision == "bf16", "fp16": recipe.training.precision == "fp16"}
+    shared = trl_arguments(recipe, steps, out) | {"max_length": recipe.data.max_length}
     if way == "reward":
         return RewardConfig(**shared, center_rewards_coefficient=recipe.task.center_rewards_coefficient)
     return DPOConfig(**shared, beta=recipe.task.beta, loss_type=[recipe.task.loss_type])
-
-
-@torch.no_grad()
-def launcher_evaluation(trainer, task: Task, evaluation: datasets.Dataset) -> dict[str, float]:
-    """The launcher's own evaluation of the trained model on the launcher's eval pairs."""
-    _, collate = task.collators()
-    loader = DataLoader(evaluation, batch_size=task.recipe.eval_batch_size, shuffle=False, collate_fn=collate)
-    trainer.model.eval()
-    return task.evaluate(trainer.model, loader, trainer.accelerator).metrics
 
 
 def run_baseline(recipe: Recipe, way: str, steps: int, out: Path) -> list[dict[str, Any]]:

@@ -25,9 +25,11 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import datasets
 import numpy as np
 import torch
 from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
 from transformers import (
     AutoConfig,
     DataCollatorWithPadding,
@@ -44,6 +46,7 @@ from launcher.distributed.devices import detect_device, peak_allocated_bytes
 from launcher.model.loading import load_model, load_tokenizer
 from launcher.recipe.loading import load_recipe
 from launcher.recipe.schema import Recipe
+from launcher.tasks.base import Task
 from launcher.tasks.metrics import compute_metrics
 from launcher.tasks.sequence_classification.single_label import SequenceClassification
 from launcher.train.optimization import warmup_steps
@@ -177,6 +180,16 @@ def run_baseline(recipe: Recipe, way: str, steps: int, out: Path) -> list[dict[s
     evaluation = {"kind": "eval", "step": steps, "loss": prediction.metrics["test_loss"], **metrics,
                   "examples": len(prediction.label_ids), **lengths}
     return [*clock.records, evaluation | device_peak()]
+
+
+@torch.no_grad()
+def launcher_evaluation(trainer: Trainer, task: Task, evaluation: datasets.Dataset) -> dict[str, Any]:
+    """The launcher's own evaluation of a model a baseline trained, on the launcher's eval rows: both sides are
+    scored alike."""
+    _, collate = task.collators()
+    loader = DataLoader(evaluation, batch_size=task.recipe.eval_batch_size, shuffle=False, collate_fn=collate)
+    trainer.model.eval()
+    return task.evaluate(trainer.model, loader, trainer.accelerator).metrics
 
 
 def device_peak() -> dict[str, int]:

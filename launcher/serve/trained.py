@@ -1,6 +1,6 @@
-"""A trained classifier (or reward model) found and rebuilt from what a run left: a run directory, an exported model, a LoRA adapter
-or a checkpoint, with the run's recipe (overrides apply to the input), its task and, to evaluate, the loss weights
-the run trained with."""
+"""A trained classifier (or reward model) found and rebuilt from what a run left: a run directory, an exported
+model, a LoRA adapter or a checkpoint, with the run's recipe (overrides apply to the input), its task and, to
+evaluate, the loss weights the run trained with."""
 
 from __future__ import annotations
 

@@ -57,12 +57,12 @@ def answer_logprobs(lm: PreTrainedModel, input_ids: torch.Tensor, attention_mask
     return -per_row_sums(out.token_losses, out.selected)
 
 
-def reference_of(model: torch.nn.Module) -> Callable[[], ContextManager[PreTrainedModel]]:
-    """How the reference model is reached: the adapters disabled (LoRA) or a frozen copy of the starting weights,
-    moved to the policy's device on first use (the Accelerator moves the policy only)."""
+def reference_of(model: torch.nn.Module) -> Callable[[torch.device], ContextManager[PreTrainedModel]]:
+    """How the reference model is reached on the policy's device: the adapters disabled (LoRA), or a frozen copy
+    of the starting weights, which the Accelerator does not move (it moves the policy only), so its first use does."""
     if isinstance(model, PeftModel):
         @contextlib.contextmanager
-        def adapters_disabled():
+        def adapters_disabled(device: torch.device):
             with model.disable_adapter():
                 yield transformers_model_of(model)
         return adapters_disabled
@@ -73,8 +73,8 @@ def reference_of(model: torch.nn.Module) -> Callable[[], ContextManager[PreTrain
     frozen = copy.deepcopy(model).eval().requires_grad_(False)
 
     @contextlib.contextmanager
-    def frozen_copy():
-        yield frozen
+    def frozen_copy(device: torch.device):
+        yield frozen.to(device)  # a no-op once it is there
 
     return frozen_copy
 
@@ -87,8 +87,7 @@ def enable_pair_batches(model: torch.nn.Module) -> None:
                 pair_targets: torch.Tensor) -> PairLogProbs:
         rows = (input_ids.flatten(0, 1), attention_mask.flatten(0, 1), pair_targets.flatten(0, 1))
         policy = answer_logprobs(lm, *rows)
-        with torch.no_grad(), reference() as reference_lm:
-            reference_lm.to(input_ids.device)  # the frozen copy's first call moves it; a no-op after that
+        with torch.no_grad(), reference(input_ids.device) as reference_lm:
             base = answer_logprobs(reference_lm, *rows)
         return PairLogProbs(policy=policy.view(-1, 2), reference=base.view(-1, 2))
 
