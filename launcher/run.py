@@ -28,7 +28,7 @@ from accelerate.utils import set_seed
 
 from launcher.data.loaders import build_dataloaders
 from launcher.data.sources import DataError
-from launcher.distributed.accelerator import LaunchError, build_accelerator, optimizer_step_device
+from launcher.distributed.accelerator import LaunchError, build_accelerator, launched_world_size, optimizer_step_device
 from launcher.distributed.devices import PrecisionError, detect_device, precision_note, resolve_precision
 from launcher.distributed.host_memory import keep_freed_host_memory
 from launcher.distributed.library_messages import name_deepspeed_accelerator
@@ -38,9 +38,9 @@ from launcher.plan.preflight import RunPlan, check_recipe
 from launcher.recipe.loading import RecipeError, load_recipe
 from launcher.recipe.schema import Recipe
 from launcher.tasks import prepare_task_once
-from launcher.train.checkpoints import CheckpointCost, CheckpointError, Checkpointer, TrainPosition, folder_bytes
+from launcher.train.checkpoints import CheckpointCost, CheckpointError, Checkpointer, TrainPosition
 from launcher.train.curves import write_curves
-from launcher.train.elastic import checkpoint_to_resume, fit_to_world_size, launched_world_size
+from launcher.train.elastic import plan_resume
 from launcher.train.loop import CollectiveError, NonFiniteLossError, TrainingLoop
 from launcher.train.optimization import build_optimizer, build_scheduler, total_optimizer_steps, warmup_steps
 from launcher.train.run_directory import (
@@ -121,8 +121,11 @@ def setup(recipe: Recipe) -> Session:
     # Before the process group exists: a rank waiting for another's tokenization waits on a file lock, not
     # inside a collective that training.collective_timeout_s would end.
     prepared, preparation = prepare_task_once(recipe, tokenizer)
-    recipe, resume_notes = fit_to_world_size(recipe, launched_world_size())  # before the Accelerator takes its accumulation
-    accelerator = build_accelerator(recipe, precision, device)
+    # Before the Accelerator takes its accumulation, and before any process group: resharding a checkpoint for
+    # another world size can take long too.
+    resume_plan = plan_resume(recipe, launched_world_size())
+    recipe = resume_plan.recipe
+    accelerator = build_accelerator(recipe, precision, device, resume_plan.deepspeed_config)
     run_dir = prepare_run_directory(recipe, accelerator.is_main_process)
     if accelerator.log_with:
         accelerator.init_trackers("launcher")
@@ -153,14 +156,14 @@ def setup(recipe: Recipe) -> Session:
     }
     checkpointer = Checkpointer(accelerator, run_dir, recipe.output.keep_last, identity)
     position = TrainPosition()
-    loaded = resume(recipe, checkpointer, position)
+    loaded = resume_plan.load(checkpointer, position)
 
     plan = RunPlan(recipe, accelerator.num_processes, device.type, str(accelerator.distributed_type), precision,
                    len(tokenized.train), len(tokenized.eval) if tokenized.eval is not None else None)
     trainable, total = count_parameters(model)
     plan.notes += [f"parameters: {trainable:,} trainable of {total:,}", host_memory, preparation.note(), *prepared.notes, *load_notes]
     plan.notes += filter(None, [precision_note(device, precision)])
-    plan.notes += resume_notes
+    plan.notes += resume_plan.notes
     if loaded is not None:
         plan.notes.append(f"resumed at optimizer step {position.optimizer_step} (epoch {position.epoch}, batch "
                           f"{position.batches_in_epoch}); checkpoint read: {loaded.describe()}")
@@ -170,18 +173,6 @@ def setup(recipe: Recipe) -> Session:
     trainer = TrainingLoop(recipe, accelerator, task, model, optimizer, scheduler, train_loader, eval_loader,
                       checkpointer, position, total_steps, stop_request)
     return Session(recipe, accelerator, trainer, tokenizer, started, loaded)
-
-
-def resume(recipe: Recipe, checkpointer: Checkpointer, position: TrainPosition) -> Optional[CheckpointCost]:
-    """Load the checkpoint `output.resume_from` names (`auto`: the latest complete one, if any); what it cost."""
-    folder = checkpoint_to_resume(recipe)
-    if folder is None:
-        return None
-    if not folder.is_dir():
-        raise CheckpointError(f"output.resume_from: {folder} is not a checkpoint folder")
-    started = time.perf_counter()
-    checkpointer.load(folder, position, recipe.output.allow_changed_resume)
-    return CheckpointCost(time.perf_counter() - started, folder_bytes(folder))
 
 
 def cleanup(session: Session, finished: bool) -> int:

@@ -40,7 +40,10 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def build_accelerator(recipe: Recipe, precision: Precision, device: DeviceInfo) -> Accelerator:
+def build_accelerator(recipe: Recipe, precision: Precision, device: DeviceInfo,
+                      deepspeed_entries: Optional[dict[str, Any]] = None) -> Accelerator:
+    """The Accelerator of this launch; under DeepSpeed, `deepspeed_entries` (what loading a resharded checkpoint
+    needs) join the DeepSpeed config before the engine reads it."""
     world_size = launched_world_size()
     check_local_processes(device, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     handlers = []
@@ -66,12 +69,15 @@ def build_accelerator(recipe: Recipe, precision: Precision, device: DeviceInfo) 
     if fsdp_left_out_on_cpu(accelerator):
         complete_fsdp_on_cpu(accelerator, fsdp2_plugin_for_cpu())
     check_one_training_group(accelerator, world_size, device)
+    check_deepspeed_kept(accelerator)
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         problem = nonfinite_policy_problem(recipe.training)
         if problem:
             raise LaunchError(problem)
         plugin = accelerator.state.deepspeed_plugin
         reconcile_deepspeed_config(plugin.deepspeed_config, recipe.training, precision, world_size)
+        for section, entries in (deepspeed_entries or {}).items():
+            plugin.deepspeed_config.setdefault(section, {}).update(entries)
         # The HfDeepSpeedConfig that from_pretrained reads (ZeRO-3 init) is a copy: refresh it after filling.
         plugin.set_deepspeed_weakref()
     return accelerator
@@ -112,6 +118,17 @@ def check_one_training_group(accelerator: Accelerator, world_size: int, device: 
         f"{world_size} processes were launched but Accelerate formed a group of {accelerator.num_processes} "
         f"({accelerator.distributed_type}) on {device.type}: each process would train its own copy of the model. {hint}."
     )
+
+
+def check_deepspeed_kept(accelerator: Accelerator) -> None:
+    """Refuse a launch with a DeepSpeed config that Accelerate turned into something else. Measured with
+    Accelerate 1.16: `ACCELERATE_USE_CPU=true accelerate launch --config_file accelerate_configs/zero2.yaml` forms a
+    MULTI_CPU group (plain DDP, or one plain process) and trains without ZeRO, saying nothing."""
+    requested = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    if requested and accelerator.distributed_type != DistributedType.DEEPSPEED:
+        raise LaunchError(
+            f"a DeepSpeed config was launched but Accelerate formed {accelerator.distributed_type}: it would train "
+            "without ZeRO. On CPU processes set DS_ACCELERATOR=cpu and leave ACCELERATE_USE_CPU unset")
 
 
 def optimizer_step_device(accelerator: Accelerator, device_type: str) -> str:

@@ -22,7 +22,8 @@ from launcher.recipe.loading import build_recipe, load_raw
 from launcher.recipe.schema import LoraSection, Recipe
 from launcher.tasks import exported_task_section, predicting_task_class
 from launcher.tasks.base import PredictingTask
-from launcher.train.checkpoints import CHECKPOINTS, MANIFEST, checkpoint_state_dict, sealed_checkpoints
+from launcher.train.checkpoint_layouts import full_state_dict
+from launcher.train.checkpoints import CHECKPOINTS, MANIFEST, sealed_checkpoints
 from launcher.train.run_directory import RESOLVED_RECIPE
 
 
@@ -143,5 +144,5 @@ def load_trained(source: Source, recipe: Recipe, task: PredictingTask) -> torch.
         base, _ = load_model(recipe.model_copy(update={"lora": LoraSection()}), task, task.tokenizer)
         return PeftModel.from_pretrained(base, source.folder)
     model, _ = load_model(recipe, task, task.tokenizer)
-    model.load_state_dict(checkpoint_state_dict(source.folder))
+    model.load_state_dict(full_state_dict(source.folder))
     return model

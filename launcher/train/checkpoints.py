@@ -4,8 +4,9 @@ rotated out only after the new one is committed.
 
 A checkpoint holds Accelerate's `save_state` (model, optimizer, custom objects: the LR scheduler), one
 `rng_state_rank<N>.pt` per rank (Python, NumPy, CPU and accelerator generators, NPU included) and
-`manifest.json` (training position, run identity, library versions, sha256 of every file). `checkpoint_state_dict`
-reads the model's full weights back out of one, whichever engine wrote it (`launcher.predict` serves checkpoints).
+`manifest.json` (training position, run identity, library versions, sha256 of every file). How each engine lays
+out the model and optimizer state, and how that state loads on another number of processes, is
+`launcher/train/checkpoint_layouts/`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import os
 import random
 import re
 import shutil
-import tempfile
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,19 +26,11 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType
-from accelerate.utils import merge_fsdp_weights
-from safetensors.torch import load_file
 
 CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
 NAME_PATTERN = re.compile(r"^step-(\d{8})$")
 RNG_FILE = "rng_state_rank{rank}.pt"
-# What Accelerate's save_state writes for the model: one file, or DeepSpeed's / FSDP's folder of shards.
-CHECKPOINT_WEIGHTS = "model.safetensors"
-DEEPSPEED_TAG = "pytorch_model"
-FSDP_FULL = "pytorch_model_fsdp.bin"
-FSDP_SHARDS = "pytorch_model_fsdp_0"
 VERSIONED_LIBRARIES = ("launcher", "torch", "transformers", "accelerate", "peft", "deepspeed", "torch_npu")
 
 
@@ -216,41 +208,6 @@ class Checkpointer:
         for old in self.complete()[: -self.keep_last]:
             shutil.rmtree(old)
 
-    def verify(self, folder: Path) -> dict[str, Any]:
-        """The manifest of `folder`, after checking every file it lists is present and unchanged."""
-        manifest_path = folder / MANIFEST
-        if not manifest_path.is_file():
-            raise CheckpointError(f"{folder}: no {MANIFEST}; it is not a complete checkpoint")
-        try:
-            manifest = json.loads(manifest_path.read_text())
-        except (ValueError, UnicodeDecodeError) as err:
-            raise CheckpointError(f"{manifest_path}: unreadable ({err}); the checkpoint is corrupted") from err
-        for relative, digest in manifest["files"].items():
-            path = folder / relative
-            if not path.is_file():
-                raise CheckpointError(f"{path}: listed in the manifest but missing")
-            if sha256_of(path) != digest:
-                raise CheckpointError(f"{path}: contents differ from the manifest (truncated or corrupted)")
-        return manifest
-
-    def verify_or_advise(self, folder: Path) -> dict[str, Any]:
-        """`verify`; when `folder` fails its check, the error also names the way back (`fallback_advice`)."""
-        try:
-            return self.verify(folder)
-        except CheckpointError as err:
-            raise CheckpointError(f"{err}. {self.fallback_advice(folder)}") from err
-
-    def fallback_advice(self, broken: Path) -> str:
-        """The newest sealed checkpoint older than `broken`, beside it, that passes its check, and the override
-        that resumes from it."""
-        for older in reversed([p for p in sealed_checkpoints(broken.parent) if p.name < broken.name]):
-            try:
-                self.verify(older)
-            except CheckpointError:
-                continue
-            return f"The newest older checkpoint that passes its check is {older}: resume from it with output.resume_from={older}"
-        return f"No older checkpoint in {broken.parent} passes its check: start again without output.resume_from"
-
     def check_identity(self, folder: Path, manifest: dict[str, Any]) -> None:
         """Refuse a resume that would quietly be a different run (other global batch or schedule). The world size
         may change (launcher/train/elastic.py): at the same global batch, each step holds the same examples."""
@@ -263,29 +220,19 @@ class Checkpointer:
                 "resume with the same settings, or set output.allow_changed_resume=true to accept the change"
             )
 
-    def load(self, folder: Path, position: TrainPosition, allow_changed: bool) -> None:
-        """Restore everything `save` wrote into the prepared objects, the random generators and `position`."""
-        manifest = self.verify_or_advise(folder)
+    def load(self, folder: Path, manifest: dict[str, Any], state: Path, position: TrainPosition, allow_changed: bool) -> None:
+        """Restore checkpoint `folder` (its verified `manifest`) into the prepared objects, the random generators
+        and `position`; Accelerate reads model, optimizer and scheduler from `state` (the checkpoint itself, or its
+        state resharded for this world size: launcher/train/checkpoint_layouts/)."""
         if not allow_changed:
             self.check_identity(folder, manifest)
         saved_world, world = manifest["identity"].get("world_size", self.accelerator.num_processes), self.accelerator.num_processes
-        if saved_world != world:
-            self.check_reshardable(folder, saved_world)
-        self.accelerator.load_state(str(folder))
+        self.accelerator.load_state(str(state))
         self.load_rng(folder, allow_changed or saved_world != world)
-        state = dict(manifest["position"])
+        position_state = dict(manifest["position"])
         if saved_world != world:
-            state["batches_in_epoch"] = rebatched(state["batches_in_epoch"], saved_world, world, folder)
-        position.load_state_dict(state)
-
-    def check_reshardable(self, folder: Path, saved_world: int) -> None:
-        """DDP and single-process checkpoints hold whole state; DeepSpeed ZeRO and FSDP hold it partitioned by rank."""
-        kind = self.accelerator.distributed_type
-        if kind in (DistributedType.DEEPSPEED, DistributedType.FSDP):
-            raise CheckpointError(
-                f"{folder} was written by {saved_world} process(es) under {kind.value}; resuming it on "
-                f"{self.accelerator.num_processes} would need its partitioned state resharded, which this launcher "
-                f"does not do yet: resume on {saved_world} process(es) (DDP checkpoints resume on any number)")
+            position_state["batches_in_epoch"] = rebatched(position_state["batches_in_epoch"], saved_world, world, folder)
+        position.load_state_dict(position_state)
 
     def load_rng(self, folder: Path, allow_changed: bool) -> None:
         """This rank's generators, strictly: Accelerate only logs an INFO line when it cannot restore them."""
@@ -308,6 +255,44 @@ def rebatched(batches_in_epoch: int, saved_world: int, world: int, folder: Path)
     return global_batches // world
 
 
+def verify(folder: Path) -> dict[str, Any]:
+    """The manifest of `folder`, after checking every file it lists is present and unchanged."""
+    manifest_path = folder / MANIFEST
+    if not manifest_path.is_file():
+        raise CheckpointError(f"{folder}: no {MANIFEST}; it is not a complete checkpoint")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{manifest_path}: unreadable ({err}); the checkpoint is corrupted") from err
+    for relative, digest in manifest["files"].items():
+        path = folder / relative
+        if not path.is_file():
+            raise CheckpointError(f"{path}: listed in the manifest but missing")
+        if sha256_of(path) != digest:
+            raise CheckpointError(f"{path}: contents differ from the manifest (truncated or corrupted)")
+    return manifest
+
+
+def verify_or_advise(folder: Path) -> dict[str, Any]:
+    """`verify`; when `folder` fails its check, the error also names the way back (`fallback_advice`)."""
+    try:
+        return verify(folder)
+    except CheckpointError as err:
+        raise CheckpointError(f"{err}. {fallback_advice(folder)}") from err
+
+
+def fallback_advice(broken: Path) -> str:
+    """The newest sealed checkpoint older than `broken`, beside it, that passes its check, and the override
+    that resumes from it."""
+    for older in reversed([p for p in sealed_checkpoints(broken.parent) if p.name < broken.name]):
+        try:
+            verify(older)
+        except CheckpointError:
+            continue
+        return f"The newest older checkpoint that passes its check is {older}: resume from it with output.resume_from={older}"
+    return f"No older checkpoint in {broken.parent} passes its check: start again without output.resume_from"
+
+
 def sealed_checkpoints(root: Path) -> list[Path]:
     """The checkpoint folders in `root` that hold a manifest, oldest first."""
     if not root.is_dir():
@@ -328,24 +313,3 @@ def attempt(action: Callable[[], None]) -> Optional[Exception]:
 def describe_write_error(error: BaseException, root: Path) -> str:
     free = shutil.disk_usage(root if root.exists() else root.parent).free
     return f"{type(error).__name__}: {error} ({free / 2**20:.1f} MiB free on that file system)"
-
-
-def checkpoint_state_dict(folder: Path) -> dict[str, torch.Tensor]:
-    """The model's full weights from a checkpoint, whichever way Accelerate's `save_state` wrote them: one
-    safetensors file, DeepSpeed ZeRO shards (gathered into fp32 with DeepSpeed's zero_to_fp32), FSDP's full state
-    dict (`fsdp_state_dict_type: FULL_STATE_DICT`) or its sharded state (merged with Accelerate's
-    `merge_fsdp_weights`)."""
-    if (folder / CHECKPOINT_WEIGHTS).is_file():
-        return load_file(str(folder / CHECKPOINT_WEIGHTS))
-    if (folder / DEEPSPEED_TAG).is_dir():
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        return get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=DEEPSPEED_TAG)
-    if (folder / FSDP_FULL).is_file():
-        return torch.load(folder / FSDP_FULL, map_location="cpu", weights_only=True)
-    if (folder / FSDP_SHARDS).is_dir():
-        with tempfile.TemporaryDirectory() as merged:
-            merge_fsdp_weights(str(folder / FSDP_SHARDS), merged)
-            return load_file(str(Path(merged) / CHECKPOINT_WEIGHTS))
-    raise CheckpointError(f"{folder}: none of {CHECKPOINT_WEIGHTS}, {DEEPSPEED_TAG}/ (DeepSpeed), {FSDP_FULL} or {FSDP_SHARDS}/ (FSDP): "
-                       "not a checkpoint of this launcher")

@@ -8,26 +8,33 @@ batch b x W + r to rank r as its b-th micro-batch, so optimizer step s holds bat
 another W the accumulation is therefore re-derived from the checkpoint's global batch, before the Accelerator is
 built, and the position within the epoch is counted in global batches (`Checkpointer.load`).
 
+Model and optimizer state follow the checkpoint's layout (launcher/train/checkpoint_layouts/): whole state (one
+process, DDP) and FSDP state load on any number of processes as they are; DeepSpeed ZeRO partitions are converted
+once into DeepSpeed's universal checkpoint. All of it happens before the process group exists.
+
 What cannot carry over: the random generators of ranks that did not exist, or whose counterparts held other
-batches (dropout masks then differ; runs without dropout are exact). DeepSpeed ZeRO and FSDP checkpoints hold
-state partitioned by rank; resharding them is not implemented, and `Checkpointer.load` refuses them by name.
+batches (dropout masks then differ; runs without dropout are exact).
 """
 
 from __future__ import annotations
 
-import json
-import os
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from launcher.recipe.schema import Recipe
-from launcher.train.checkpoints import CHECKPOINTS, MANIFEST, CheckpointError, sealed_checkpoints
-
-
-def launched_world_size() -> int:
-    """The processes this launch started (torchrun and accelerate launch export WORLD_SIZE), known before any
-    process group exists."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
+from launcher.train.checkpoint_layouts import LAYOUTS, CheckpointLayout, StateSource, layout_of, layout_written_under
+from launcher.train.checkpoints import (
+    CHECKPOINTS,
+    CheckpointCost,
+    CheckpointError,
+    Checkpointer,
+    TrainPosition,
+    folder_bytes,
+    sealed_checkpoints,
+    verify_or_advise,
+)
 
 
 def checkpoint_to_resume(recipe: Recipe) -> Optional[Path]:
@@ -39,13 +46,6 @@ def checkpoint_to_resume(recipe: Recipe) -> Optional[Path]:
         return Path(source)
     done = sealed_checkpoints(Path(recipe.output.dir) / CHECKPOINTS)
     return done[-1] if done else None
-
-
-def saved_identity(folder: Path) -> Optional[dict]:
-    try:
-        return json.loads((folder / MANIFEST).read_text())["identity"]
-    except (OSError, ValueError, KeyError):
-        return None  # not a readable checkpoint: Checkpointer.load names the problem
 
 
 def accumulation_for(global_batch: int, per_device: int, world_size: int) -> int:
@@ -61,11 +61,9 @@ def accumulation_for(global_batch: int, per_device: int, world_size: int) -> int
     return accumulation
 
 
-def fit_to_world_size(recipe: Recipe, world_size: int) -> tuple[Recipe, list[str]]:
-    """The recipe to resume with on `world_size` processes, and what changed, for the plan."""
-    folder = checkpoint_to_resume(recipe)
-    identity = saved_identity(folder) if folder is not None else None
-    if not identity or identity.get("world_size") in (None, world_size) or recipe.output.allow_changed_resume:
+def fit_to_world_size(recipe: Recipe, identity: dict[str, Any], world_size: int) -> tuple[Recipe, list[str]]:
+    """The recipe to resume a checkpoint of run `identity` with on `world_size` processes, and what changed."""
+    if recipe.output.allow_changed_resume:
         return recipe, []
     training = recipe.training
     accumulation = accumulation_for(identity["global_batch"], training.per_device_batch_size, world_size)
@@ -76,3 +74,54 @@ def fit_to_world_size(recipe: Recipe, world_size: int) -> tuple[Recipe, list[str
             "generators do not carry over (dropout masks differ)")
     return changed, [note]
 
+
+@dataclass(frozen=True)
+class ResumePlan:
+    """What a run continues from, decided before the process group exists."""
+
+    recipe: Recipe
+    """The recipe to run: on another world size, with the accumulation that keeps the checkpoint's global batch."""
+    checkpoint: Optional[Path] = None
+    """The sealed checkpoint to continue, verified; None for a fresh start."""
+    manifest: dict[str, Any] = field(default_factory=dict)
+    layout: Optional[CheckpointLayout] = None
+    state: Optional[StateSource] = None
+    notes: tuple[str, ...] = ()
+
+    @property
+    def deepspeed_config(self) -> dict[str, Any]:
+        """DeepSpeed config entries that loading the state needs (set before the engine is built)."""
+        return self.state.deepspeed_config if self.state else {}
+
+    def load(self, checkpointer: Checkpointer, position: TrainPosition) -> Optional[CheckpointCost]:
+        """Load the checkpoint into the prepared objects and `position`; what reading it cost (None: fresh start)."""
+        if self.checkpoint is None:
+            return None
+        engine = checkpointer.accelerator.distributed_type
+        if self.layout is not None and not self.layout.written_under(engine):
+            raise CheckpointError(f"{self.checkpoint} holds {self.layout.name}, but this run ({engine.value}) reads "
+                                  f"{layout_written_under(engine).name}: resume with the launch configuration that wrote it")
+        started = time.perf_counter()
+        checkpointer.load(self.checkpoint, self.manifest, self.state.folder, position, self.recipe.output.allow_changed_resume)
+        return CheckpointCost(time.perf_counter() - started, folder_bytes(self.state.folder))
+
+
+def plan_resume(recipe: Recipe, world_size: int) -> ResumePlan:
+    """The checkpoint `output.resume_from` names, verified, with its state made loadable on `world_size` processes."""
+    folder = checkpoint_to_resume(recipe)
+    if folder is None:
+        return ResumePlan(recipe)
+    if not folder.is_dir():
+        raise CheckpointError(f"output.resume_from: {folder} is not a checkpoint folder")
+    manifest = verify_or_advise(folder)
+    layout = layout_of(folder)
+    saved_world = manifest["identity"].get("world_size", world_size)
+    if saved_world == world_size:
+        return ResumePlan(recipe, folder, manifest, layout, StateSource(folder))
+    if layout is None:
+        raise CheckpointError(
+            f"{folder} was written by {saved_world} process(es) in none of the layouts this launcher reshards "
+            f"({'; '.join(known.name for known in LAYOUTS)}; per-rank files are not): resume on {saved_world} process(es)")
+    fitted, notes = fit_to_world_size(recipe, manifest["identity"], world_size)
+    state = layout.state_for_world_size(folder, saved_world, world_size)
+    return ResumePlan(fitted, folder, manifest, layout, state, (*notes, *filter(None, [state.note])))

@@ -50,16 +50,16 @@ def llama(assets, tmp_path_factory) -> dict:
 
 def write_run(folder, llama: dict, per_device: int, accumulation: int, **sections):
     training = {"epochs": 1, "per_device_batch_size": per_device, "gradient_accumulation_steps": accumulation,
-                **sections.pop("training", {})}
+                "log_sample_fingerprints": True, **sections.pop("training", {})}
     recipe = tiny_recipe(llama, folder / "out", model="start", training=training,
                          output={"save_every_epoch": False, "save_every_steps": 8}, **sections)
     return write_recipe(folder / "recipe.yaml", recipe)
 
 
-def launch(*script_and_args: str) -> subprocess.CompletedProcess:
-    """`accelerate launch --config_file accelerate_configs/fsdp2.yaml --num_processes 2 SCRIPT ARGS` on CPU."""
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", FSDP2, "--num_processes", "2",
-               "--main_process_port", str(free_port()), *script_and_args]
+def launch(*script_and_args: str, processes: int = 2) -> subprocess.CompletedProcess:
+    """`accelerate launch --config_file accelerate_configs/fsdp2.yaml --num_processes N SCRIPT ARGS` on CPU."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", FSDP2, "--num_processes",
+               str(processes), "--main_process_port", str(free_port()), *script_and_args]
     return subprocess.run(command, cwd=REPO, env={**os.environ, **CPU}, capture_output=True, text=True, timeout=600)
 
 
@@ -88,17 +88,17 @@ def test_fsdp2_shards_the_model_and_trains_the_one_process_model(fsdp2_run, llam
 
 
 def test_predict_reads_fsdp2_checkpoints(fsdp2_run, llama, tmp_path):
-    """The last checkpoint (step 16) holds the exported weights: as one full state dict (fsdp2.yaml's setting) or
-    as per-rank DCP shards (SHARDED_STATE_DICT), which launcher.predict merges."""
+    """The last checkpoint (step 16) holds the exported weights: as per-rank DCP shards (fsdp2.yaml's
+    SHARDED_STATE_DICT), which launcher.predict merges, or as one full state dict (FULL_STATE_DICT)."""
     run_dir = fsdp2_run[0]
     checkpoint = sorted((run_dir / "checkpoints").glob("step-*"))[-1]
-    assert (checkpoint / "pytorch_model_fsdp.bin").is_file()
+    assert (checkpoint / "pytorch_model_fsdp_0").is_dir()
     assert_predictions_agree(checkpoint, run_dir / "model", llama["eval_csv"], tmp_path)
 
-    sharded = launch("--fsdp_state_dict_type", "SHARDED_STATE_DICT", "launcher/run.py", str(write_run(tmp_path, llama, 4, 1)))
-    assert sharded.returncode == 0, sharded.stderr[-3000:]
+    full = launch("--fsdp_state_dict_type", "FULL_STATE_DICT", "launcher/run.py", str(write_run(tmp_path, llama, 4, 1)))
+    assert full.returncode == 0, full.stderr[-3000:]
     checkpoint = sorted((tmp_path / "out" / "checkpoints").glob("step-*"))[-1]
-    assert (checkpoint / "pytorch_model_fsdp_0").is_dir()
+    assert (checkpoint / "pytorch_model_fsdp.bin").is_file()
     assert_predictions_agree(checkpoint, tmp_path / "out" / "model", llama["eval_csv"], tmp_path)
 
 
@@ -114,6 +114,32 @@ def test_fsdp2_resumes_from_a_sharded_checkpoint_bit_identically(fsdp2_run, llam
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed at optimizer step 8" in resumed.stdout
     assert_bit_identical(final_weights(fsdp2_run[0]), final_weights(run_dir))
+
+
+@pytest.mark.parametrize(("state_dict_type", "processes", "resumed_on"),
+                         [("SHARDED_STATE_DICT", 2, 1), ("SHARDED_STATE_DICT", 1, 2), ("FULL_STATE_DICT", 2, 1)])
+def test_fsdp2_resumed_on_another_number_of_processes_is_the_same_run(fsdp2_run, llama, tmp_path, state_dict_type,
+                                                                      processes, resumed_on):
+    """Killed after step 11 (checkpoint at step 8) on `processes`, resumed on `resumed_on` at the same global batch:
+    the same examples in every step, losses and final weights within TOLERANCE of the uninterrupted run."""
+    recipe = write_run(tmp_path, llama, 4, 2 // processes)
+    state_dict = ("--fsdp_state_dict_type", state_dict_type)
+    killed = launch(*state_dict, "tests/support/faults.py", "kill", "11", "all", "--", str(recipe), processes=processes)
+    run_dir = tmp_path / "out"
+    assert killed.returncode != 0 and max(train_records(run_dir)) == 11, killed.stderr[-3000:]
+
+    resumed = launch(*state_dict, "launcher/run.py", str(recipe), "output.resume_from=auto", processes=resumed_on)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    how = "torch.distributed.checkpoint reshards it" if state_dict_type == "SHARDED_STATE_DICT" else "the full state dict is sharded anew"
+    assert f"FSDP state written by {processes} process(es) loads on {resumed_on}: {how}" in resumed.stdout
+    assert "resumed at optimizer step 8" in resumed.stdout
+
+    expected, got = train_records(fsdp2_run[0]), train_records(run_dir)
+    assert sorted(got) == sorted(expected) == list(range(1, STEPS + 1))
+    for step, record in expected.items():
+        assert sorted(got[step]["sample_fingerprints"]) == sorted(record["sample_fingerprints"]), step
+        assert got[step]["loss"] == pytest.approx(record["loss"], rel=0, abs=TOLERANCE), step
+    assert_weights_close(run_dir / "model", fsdp2_run[0] / "model")
 
 
 def test_fsdp2_lora_exports_models_that_reproduce_the_training_evaluation(llama, tmp_path):

@@ -21,16 +21,18 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+from launching import CPU_DDP, free_port  # noqa: E402
 
 import launcher.tasks  # noqa: E402
 from launcher.data.preparation import READY_MARKER  # noqa: E402
@@ -104,17 +106,25 @@ def patches(fault: str, step: int) -> list[tuple[object, str, object]]:
     raise SystemExit(f"unknown fault {fault!r}")
 
 
-def faulty_command(fault: str, step: int, rank: str, recipe: Path, *overrides: str, processes: int = 1) -> list[str]:
-    """The command line of a run with `fault`; 2+ processes go through torchrun (CPU, gloo) as users launch them."""
+def faulty_command(fault: str, step: int, rank: str, recipe: Path, *overrides: str, processes: int = 1,
+                   config: Optional[str] = None) -> list[str]:
+    """The command line of a run with `fault`, as users launch it: with an accelerate `config` (DeepSpeed, FSDP)
+    through `accelerate launch`; otherwise 2+ processes through torchrun (CPU, gloo), one as a plain script."""
     args = [str(HARNESS), fault, str(step), rank, "--", str(recipe), *overrides]
+    if config is not None:
+        return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config,
+                "--num_processes", str(processes), "--main_process_port", str(free_port()), *args]
     if processes == 1:
         return [sys.executable, *args]
     torchrun = str(Path(sys.executable).with_name("torchrun"))
     return [torchrun, "--standalone", f"--nproc_per_node={processes}", *args]
 
 
-def run_faulty(*args, processes: int = 1, timeout: int = 300, **kwargs) -> subprocess.CompletedProcess:
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true"}
+def run_faulty(*args, processes: int = 1, timeout: int = 300, env: Optional[dict[str, str]] = None,
+               **kwargs) -> subprocess.CompletedProcess:
+    """`faulty_command` run to its end; `env` (default: CPU processes) joins the environment. DeepSpeed on CPU
+    wants DS_ACCELERATOR=cpu instead: ACCELERATE_USE_CPU would make Accelerate form a plain MULTI_CPU group."""
+    env = {**os.environ, **(CPU_DDP if env is None else env)}
     command = faulty_command(*args, processes=processes, **kwargs)
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -122,9 +132,7 @@ def run_faulty(*args, processes: int = 1, timeout: int = 300, **kwargs) -> subpr
 def start_ranks(fault: str, step: int, rank: str, recipe: Path, *overrides: str, processes: int = 2) -> list[subprocess.Popen]:
     """Start the ranks by hand, with the environment torchrun gives them, so a test can watch and end each one
     itself (torchrun would wait 30 s before killing a rank that ignores its SIGTERM)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     ranks = []
     for index in range(processes):
         env = {**os.environ, "ACCELERATE_USE_CPU": "true", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),

@@ -105,13 +105,13 @@ def test_deepspeed_config_leaves_recipe_values_auto_and_parses_in_deepspeed(path
     DeepSpeedConfig(filled)
 
 
-def test_fsdp2_config_gives_full_shard_per_transformer_layer_and_a_full_state_dict(monkeypatch):
+def test_fsdp2_config_gives_full_shard_per_transformer_layer_and_sharded_checkpoints(monkeypatch):
     for name, value in launch_environment(CONFIGS / "fsdp2.yaml").items():
         monkeypatch.setenv(name, value)
     plugin = FullyShardedDataParallelPlugin()
     assert plugin.fsdp_version == 2
     assert plugin.reshard_after_forward is True
-    assert str(plugin.state_dict_type) == "StateDictType.FULL_STATE_DICT"
+    assert str(plugin.state_dict_type) == "StateDictType.SHARDED_STATE_DICT"
     assert plugin.cpu_ram_efficient_loading  # rank 0 reads the weights, FSDP2 broadcasts them (no sync flag)
     assert plugin.transformer_cls_names_to_wrap is None  # wraps the model's _no_split_modules
 

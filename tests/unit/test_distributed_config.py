@@ -114,3 +114,14 @@ def test_a_contradicting_file_stops_a_real_launch_before_training(tmp_path, asse
     assert result.returncode != 0
     assert "gradient_accumulation_steps is 4 but the recipe gives 1" in result.stderr
     assert not (tmp_path / "out" / "metrics.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_a_deepspeed_launch_that_accelerate_turns_into_plain_processes_is_refused(tmp_path, assets):
+    """Measured with Accelerate 1.16: ACCELERATE_USE_CPU=true with a DeepSpeed config forms a MULTI_CPU group that
+    trains without ZeRO and exits 0."""
+    recipe = write_recipe(tmp_path / "recipe.yaml", tiny_recipe(assets, tmp_path / "out"))
+    result = launch("accelerate_configs/zero2.yaml", recipe, {"ACCELERATE_USE_CPU": "true"}, processes=2)
+    assert result.returncode != 0
+    assert "a DeepSpeed config was launched but Accelerate formed DistributedType.MULTI_CPU" in result.stderr
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()
