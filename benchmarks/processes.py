@@ -21,34 +21,41 @@ class ChildResult:
     returncode: int
     wall_seconds: float
     peak_rss_bytes: int
+    peak_anonymous_bytes: int
+    """Peak of RSS less its file-backed and shared pages: what the kernel cannot reclaim (memory-mapped Arrow
+    files count in RSS once touched, but are clean pages of the page cache)."""
 
 
-def tree_rss(process: psutil.Process) -> int:
-    """Resident memory of a process and all its descendants (all ranks under `accelerate launch` / torchrun)."""
-    total = 0
+def tree_memory(process: psutil.Process) -> tuple[int, int]:
+    """(resident, anonymous resident) memory of a process and all its descendants (all ranks under
+    `accelerate launch` / torchrun)."""
+    rss = anonymous = 0
     for member in [process, *process.children(recursive=True)]:
         try:
-            total += member.memory_info().rss
+            memory = member.memory_info()
         except psutil.NoSuchProcess:
             continue
-    return total
+        rss += memory.rss
+        anonymous += memory.rss - memory.shared
+    return rss, anonymous
 
 
 class PeakRss:
-    """Polls a process tree's RSS in a thread; keeps the maximum."""
+    """Polls a process tree's memory in a thread; keeps the maxima."""
 
     def __init__(self, pid: int):
         self.process = psutil.Process(pid)
-        self.peak = 0
+        self.peak = self.peak_anonymous = 0
         self.done = threading.Event()
         self.thread = threading.Thread(target=self.poll, daemon=True)
 
     def poll(self) -> None:
         while not self.done.is_set():
             try:
-                self.peak = max(self.peak, tree_rss(self.process))
+                rss, anonymous = tree_memory(self.process)
             except psutil.NoSuchProcess:
                 return
+            self.peak, self.peak_anonymous = max(self.peak, rss), max(self.peak_anonymous, anonymous)
             self.done.wait(POLL_SECONDS)
 
     def __enter__(self) -> "PeakRss":
@@ -75,4 +82,4 @@ def run_child(command: list[str], env: dict[str, str], log_path: Path, timeout_s
             if child.poll() is None:
                 os.killpg(child.pid, signal.SIGKILL)  # the whole tree: every rank under torchrun
             returncode = child.wait()
-    return ChildResult(returncode, wall, memory.peak)
+    return ChildResult(returncode, wall, memory.peak, memory.peak_anonymous)

@@ -32,7 +32,7 @@ PERCENTILES = (50, 90, 99, 100)
 
 
 def split_line(name: str, dataset, max_length: int) -> str:
-    lengths = np.asarray(token_lengths(dataset))
+    lengths = token_lengths(dataset)
     at = {p: int(np.percentile(lengths, p)) for p in PERCENTILES}
     full = int(np.count_nonzero(lengths >= max_length))
     return (f"{name:<6}{len(dataset):>10,} rows {int(lengths.sum()):>14,} tokens   length p50 {at[50]}, p90 {at[90]}, "

@@ -15,7 +15,7 @@ from launcher.recipe.schema import Recipe
 
 
 def build_dataloaders(tokenized: Splits, recipe: Recipe, train_collator, eval_collator,
-                      class_ids: Optional[list[int]] = None) -> tuple[DataLoader, Optional[DataLoader]]:
+                      class_ids: Optional[np.ndarray] = None) -> tuple[DataLoader, Optional[DataLoader]]:
     """Train and eval loaders with the task's collators; training batches come from `EpochShuffleSampler`, whose
     length grouping keeps the mix of `class_ids` (each training example's class, where the task has classes)."""
     batch_size = recipe.training.per_device_batch_size
@@ -36,12 +36,12 @@ def build_dataloaders(tokenized: Splits, recipe: Recipe, train_collator, eval_co
 ROWS_PER_READ = 10_000
 
 
-def token_lengths(dataset: datasets.Dataset, rows_per_read: int = ROWS_PER_READ) -> list[int]:
+def token_lengths(dataset: datasets.Dataset, rows_per_read: int = ROWS_PER_READ) -> np.ndarray:
     """Each row's number of tokens, read as Arrow list lengths a block of rows at a time: the token ids
     themselves never become Python lists (on 650,000 rows of 512 tokens those took 2.4 GB and 40 s)."""
     blocks = (pc.list_value_length(block["input_ids"]).to_numpy(zero_copy_only=False)
               for block in dataset.with_format("arrow").iter(batch_size=rows_per_read))
-    return np.concatenate(list(blocks)).tolist()
+    return np.concatenate(list(blocks))
 
 
 def column_values(dataset: datasets.Dataset, name: str, rows_per_read: int = ROWS_PER_READ) -> np.ndarray:

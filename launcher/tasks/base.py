@@ -114,7 +114,7 @@ class Task(ABC):
     def adapt_model(self, model: torch.nn.Module) -> None:
         """Let the loaded (and LoRA-wrapped) model take this task's batches; by default it takes them as they are."""
 
-    def class_ids(self, train: datasets.Dataset) -> Optional[list[int]]:
+    def class_ids(self, train: datasets.Dataset) -> Optional[np.ndarray]:
         """Each training example's class, for batches that keep the class mix; None where there are no classes."""
         return None
 

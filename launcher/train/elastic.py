@@ -1,5 +1,6 @@
-"""Resuming on another number of processes, as the same run: a checkpoint written by W processes continues on
-W' at the same global batch, every optimizer step holding exactly the examples it would have held.
+"""How a run resumes, planned before the process group exists (`plan_resume`): the checkpoint `output.resume_from`
+names, verified, and, on another number of processes, the same run: a checkpoint written by W processes continues
+on W' at the same global batch, every optimizer step holding exactly the examples it would have held.
 
 Why the examples stay the same: the training order is defined globally. Each epoch the sampler draws one order
 of all examples (from `training.seed` and the epoch alone) and cuts it into per-device batches; Accelerate deals

@@ -217,7 +217,7 @@ def test_labelled_training_order_keeps_the_class_mix_under_length_grouping(asset
     order = list(loader.sampler)
     positives = [sum(rows[i]["label"] for i in order[start:start + 8]) for start in range(0, len(order), 8)]
     assert positives == [2] * 12
-    assert task.class_ids(tokenized.train) == [row["label"] for row in rows]
+    assert task.class_ids(tokenized.train).tolist() == [row["label"] for row in rows]
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,8 @@ only the ones there are too few positives for, and costs padding between plain g
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from collections import Counter
 
@@ -12,7 +14,7 @@ import pytest
 import torch
 from transformers.trainer_pt_utils import get_length_grouped_indices
 
-from launcher.data.sampling import MEGABATCH_BATCHES, label_mixed_length_grouped_order
+from launcher.data.sampling import MEGABATCH_BATCHES, EpochShuffleSampler, label_mixed_length_grouped_order, length_grouped_indices
 
 BATCH = 8
 SEEDS = range(5)
@@ -46,7 +48,7 @@ def orders(lengths: list[int], labels: list[int], seed: int) -> dict[str, list[i
     return {
         "random": torch.randperm(len(lengths), generator=torch.Generator().manual_seed(seed)).tolist(),
         "plain": get_length_grouped_indices(lengths, BATCH, mega_batch_mult=MEGABATCH_BATCHES, generator=torch.Generator().manual_seed(seed)),
-        "mixed": label_mixed_length_grouped_order(lengths, labels, BATCH, torch.Generator().manual_seed(seed)),
+        "mixed": label_mixed_length_grouped_order(lengths, labels, BATCH, torch.Generator().manual_seed(seed)).tolist(),
     }
 
 
@@ -83,7 +85,7 @@ def test_each_class_gets_its_share_of_every_batch(seed):
     rng = np.random.default_rng(seed)
     labels = rng.choice(5, size=500, p=[0.45, 0.25, 0.15, 0.1, 0.05]).tolist()
     lengths = rng.integers(3, 80, size=500).tolist()
-    order = label_mixed_length_grouped_order(lengths, labels, BATCH, torch.Generator().manual_seed(seed))
+    order = label_mixed_length_grouped_order(lengths, labels, BATCH, torch.Generator().manual_seed(seed)).tolist()
     assert sorted(order) == list(range(500))
     sizes = Counter(labels)
     shares = {label: BATCH * size / 500 for label, size in sizes.items()}
@@ -94,11 +96,33 @@ def test_each_class_gets_its_share_of_every_batch(seed):
 
 def test_same_generator_same_order_and_the_longest_batch_first():
     lengths, labels = messages(length_predicts_label=True, n=203)
-    first = label_mixed_length_grouped_order(lengths, labels, BATCH, torch.Generator().manual_seed(7))
-    assert first == label_mixed_length_grouped_order(lengths, labels, BATCH, torch.Generator().manual_seed(7))
-    assert first != label_mixed_length_grouped_order(lengths, labels, BATCH, torch.Generator().manual_seed(8))
+    first = label_mixed_length_grouped_order(lengths, labels, BATCH, torch.Generator().manual_seed(7)).tolist()
+    assert first == label_mixed_length_grouped_order(lengths, labels, BATCH, torch.Generator().manual_seed(7)).tolist()
+    assert first != label_mixed_length_grouped_order(lengths, labels, BATCH, torch.Generator().manual_seed(8)).tolist()
     full = first[: len(first) // BATCH * BATCH]
     assert max(lengths[i] for i in first[:BATCH]) == max(lengths[i] for i in full)
     # The grouping is real: batches are far more uniform in length than in random order.
     random_order = torch.randperm(203, generator=torch.Generator().manual_seed(7)).tolist()
     assert padding_fraction(first, lengths) < padding_fraction(random_order, lengths)
+
+
+@pytest.mark.parametrize(("n", "batch_size", "classes", "recorded"), [
+    (403, 8, 2, "7afc8fe735daa158"), (1000, 4, 5, "0b2e826fee6ed738"), (5003, 8, 3, "56670f16824fb55b"),
+    (7, 8, 2, "ae28efa32636ae8e"),
+])
+def test_label_mixed_orders_are_the_ones_checkpoints_recorded(n, batch_size, classes, recorded):
+    """sha256 of epoch 1's order (seed 3) as the list-based sampler of commit 2f4f555 gave it: a checkpoint taken
+    mid-epoch by that code resumes into the same order under the NumPy one."""
+    rng = np.random.default_rng(n)
+    lengths, labels = rng.integers(1, 60, n), rng.integers(0, classes, n)
+    sampler = EpochShuffleSampler(n, 3, batch_size, lengths, labels)
+    sampler.set_epoch(1)
+    assert hashlib.sha256(json.dumps(list(sampler)).encode()).hexdigest()[:16] == recorded
+
+
+@pytest.mark.parametrize(("n", "batch_size"), [(1, 8), (9, 8), (403, 8), (5003, 4)])
+def test_length_grouping_draws_what_transformers_draws(n, batch_size):
+    lengths = np.random.default_rng(n).integers(1, 60, n)
+    ours = length_grouped_indices(lengths, batch_size, torch.Generator().manual_seed(5))
+    theirs = get_length_grouped_indices(lengths.tolist(), batch_size, generator=torch.Generator().manual_seed(5))
+    assert ours.tolist() == theirs

@@ -158,8 +158,8 @@ class CausalLanguageModeling(Task):
     def adapt_model(self, model: torch.nn.Module) -> None:
         enable_trained_token_batches(model)
 
-    def class_ids(self, train: datasets.Dataset) -> Optional[list[int]]:
-        return column_values(train, "class_id").tolist() if self.labelled else None
+    def class_ids(self, train: datasets.Dataset) -> Optional[np.ndarray]:
+        return column_values(train, "class_id") if self.labelled else None
 
     def collators(self) -> tuple[Collator, Collator]:
         multiple = 8 if self.recipe.training.precision != "fp32" else None

@@ -71,7 +71,7 @@ class MultiLabelClassification(SequenceClassification):
             raise DataError(f"training.class_weights=balanced: class(es) {degenerate} are on in no or in every training example")
         return (off / on).tolist()
 
-    def class_ids(self, train: datasets.Dataset) -> Optional[list[int]]:
+    def class_ids(self, train: datasets.Dataset) -> Optional[np.ndarray]:
         return None  # an example has no single class to keep the batches' mix of
 
     def example_losses(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

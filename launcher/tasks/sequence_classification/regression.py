@@ -61,7 +61,7 @@ class Regression(SequenceClassification):
     def model_kwargs(self) -> dict[str, Any]:
         return super().model_kwargs() | {"num_labels": 1}
 
-    def class_ids(self, train: datasets.Dataset) -> Optional[list[int]]:
+    def class_ids(self, train: datasets.Dataset) -> Optional[np.ndarray]:
         return None
 
     def example_losses(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

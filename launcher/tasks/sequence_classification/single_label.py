@@ -135,8 +135,8 @@ class SequenceClassification(PredictingTask):
         if self.recipe.data.padding == "packed":
             enable_packed_batches(model)
 
-    def class_ids(self, train: datasets.Dataset) -> Optional[list[int]]:
-        return column_values(train, "labels").tolist()
+    def class_ids(self, train: datasets.Dataset) -> Optional[np.ndarray]:
+        return column_values(train, "labels")
 
     def collators(self) -> tuple[Collator, Collator]:
         padded = build_collator(self.tokenizer, self.recipe)
