@@ -18,7 +18,6 @@ step. Results: `benchmarks/results/NAME.{json,md}`.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import statistics
 import sys
@@ -35,6 +34,7 @@ from transformers import LlamaConfig, LlamaForSequenceClassification
 from benchmarks.checkpoint_cost import SHAPES, VOCAB
 from benchmarks.environment import describe_machine, load_1min
 from benchmarks.measure import spread
+from benchmarks.report import RESULTS, publish
 from launcher.distributed.devices import detect_device
 from launcher.train.checkpoints import Checkpointer, TrainPosition, folder_bytes
 
@@ -107,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", default="135m", choices=sorted(SHAPES))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--work", type=Path, default=REPO / "outputs" / "bench-async-checkpoint")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS)
     parser.add_argument("--name", default="async-checkpoint-cpu")
     args = parser.parse_args(argv)
     shutil.rmtree(args.work, ignore_errors=True)
@@ -129,10 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         result["async_save"].append(async_save(model, optimizer, step, args.work / f"async-{repeat}", alone))
         shutil.rmtree(args.work / f"async-{repeat}")
     result["load_1min_after"] = load_1min()
-    out = REPO / "benchmarks" / "results"
-    (out / f"{args.name}.json").write_text(json.dumps(result, indent=2))
-    (out / f"{args.name}.md").write_text(markdown(result))
-    print(markdown(result))
+    publish(result, args.results_dir, args.name, markdown(result))
     return 0
 
 

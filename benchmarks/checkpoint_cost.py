@@ -26,6 +26,7 @@ import yaml
 
 from benchmarks.environment import describe_machine, load_1min
 from benchmarks.processes import run_child
+from benchmarks.report import RESULTS, publish
 from launcher.distributed.devices import detect_device
 
 REPO = Path(__file__).resolve().parents[1]
@@ -133,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", default="135m,490m")
     parser.add_argument("--topologies", default=",".join(TOPOLOGIES))
     parser.add_argument("--work", type=Path, default=REPO / "outputs" / "bench-checkpoints")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS)
     parser.add_argument("--name", default="checkpoint-cost-cpu")
     args = parser.parse_args(argv)
     result: dict[str, Any] = {"machine": describe_machine(detect_device()), "load_1min_before": load_1min(), "rows": []}
@@ -152,10 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             result["rows"].append(row)
             shutil.rmtree(folder / "run" / "checkpoints", ignore_errors=True)  # GBs each; the numbers are kept
     result["load_1min_after"] = load_1min()
-    out = REPO / "benchmarks" / "results"
-    (out / f"{args.name}.json").write_text(json.dumps(result, indent=2))
-    (out / f"{args.name}.md").write_text(markdown(result))
-    print(markdown(result))
+    publish(result, args.results_dir, args.name, markdown(result))
     return 0
 
 

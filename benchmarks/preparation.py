@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import csv
 import itertools
-import json
 import os
 import random
 import shutil
@@ -47,6 +46,7 @@ import yaml
 from benchmarks.environment import describe_machine, load_1min
 from benchmarks.measure import spread
 from benchmarks.processes import run_child
+from benchmarks.report import RESULTS, publish
 from launcher.data.preparation import usable_cores
 from launcher.demo_assets import MODEL_PACKAGE, package_folder, read_reviews
 from launcher.distributed.devices import detect_device
@@ -258,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="smaller sizes for the RSS curve (the full size is added); the first is the reference")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--work", type=Path, default=REPO / "outputs" / "bench-preparation")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS)
     parser.add_argument("--name", default="preparation-cpu")
     args = parser.parse_args(argv)
     work = args.work
@@ -291,11 +292,7 @@ def main(argv: list[str] | None = None) -> int:
             print("two processes from a cold cache", flush=True)
             result["two_processes"] = two_processes_cold(path, folder)
     result["load_1min_after"] = load_1min()
-    out = REPO / "benchmarks" / "results"
-    (out / f"{args.name}.json").write_text(json.dumps(result, indent=2))
-    (out / f"{args.name}.md").write_text(markdown(result))
-    plot(result, out / f"{args.name}.png")
-    print(markdown(result))
+    plot(result, publish(result, args.results_dir, args.name, markdown(result)) / f"{args.name}.png")
     return 0
 
 

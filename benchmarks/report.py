@@ -12,6 +12,7 @@ matplotlib.use("Agg")  # files only: no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 
 MIB = 2**20
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def span(summary: dict[str, Any], key: str, fmt: str, scale: float = 1.0) -> str:
@@ -124,6 +125,16 @@ def plot(result: dict[str, Any], path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
+
+
+def publish(result: dict[str, Any], folder: Path, name: str, text: str) -> Path:
+    """A benchmark's result as `FOLDER/NAME.json` (everything) and `NAME.md` (`text`, also printed); returns the
+    folder, for a plot beside them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    (folder / f"{name}.md").write_text(text, encoding="utf-8")
+    print(text)
+    return folder
 
 
 def write_results(result: dict[str, Any], folder: Path, name: str) -> dict[str, Path]:

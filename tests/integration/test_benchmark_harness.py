@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import shutil
+import subprocess
 import sys
 
 import pytest
@@ -287,3 +288,19 @@ def test_host_adamw_times_each_optimizer_and_checks_it_computes_adamw(tmp_path, 
         assert row["max_abs_difference"] < 1e-5  # rounding: measured 1e-6; Adam with L2 decay instead: 8e-4
     assert result["optimizers"]["torch_fused"]["max_abs_difference"] == 0.0
     assert "| torch_fused |" in (tmp_path / "adamw.md").read_text()
+
+
+@pytest.mark.slow
+def test_async_checkpoint_benchmark_measures_both_saves(tmp_path):
+    """The smoke shape (a 2-layer Llama) through `python -m benchmarks.async_checkpoint`: both saves timed, the
+    launcher's checkpoint sealed, the async one written, the table drawn from what was measured."""
+    done = subprocess.run([sys.executable, "-m", "benchmarks.async_checkpoint", "--size", "smoke", "--repeats", "2",
+                           "--work", str(tmp_path / "work"), "--results-dir", str(tmp_path), "--name", "smoke"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "smoke.json").read_text())
+    assert len(result["launcher_save"]) == len(result["async_save"]) == 2
+    assert all(save["critical_s"] > 0 and save["bytes"] > 1e6 for save in result["launcher_save"])
+    assert all(save["write_done_s"] >= save["blocked_s"] > 0 and save["bytes"] > 1e6 for save in result["async_save"])
+    assert (tmp_path / "work" / "launcher" / "checkpoints" / "step-00000002" / "manifest.json").is_file()
+    assert "| `torch.distributed.checkpoint.async_save` (write only) |" in (tmp_path / "smoke.md").read_text()

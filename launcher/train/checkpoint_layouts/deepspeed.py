@@ -10,6 +10,7 @@ into place, so a conversion that was cut off is never read. A later resume from 
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -27,6 +28,8 @@ from launcher.train.checkpoints import MANIFEST, CheckpointError
 TAG = "pytorch_model"
 """The tag (sub-folder) Accelerate's `save_state` gives DeepSpeed's `save_checkpoint`."""
 UNIVERSAL = "universal"
+CONVERSION = "conversion.json"
+"""What the conversion took, recorded in the universal folder: the plan of every rank and later resume says it."""
 LOAD_UNIVERSAL = {"checkpoint": {"load_universal": True}}
 
 
@@ -46,20 +49,19 @@ class DeepSpeedZero(CheckpointLayout):
 
     def state_for_world_size(self, folder: Path, saved_world: int, world: int) -> StateSource:
         universal = folder / UNIVERSAL
-        started = time.perf_counter()
         with FileLock(str(folder / f"{UNIVERSAL}.lock")):  # no timeout: whoever holds it is converting
-            reused = universal.is_dir()
-            if not reused:
+            if not universal.is_dir():
                 convert_to_universal(folder, universal)
-        how = "reused" if reused else f"converted in {time.perf_counter() - started:.1f} s"
+        seconds = json.loads((universal / CONVERSION).read_text())["seconds"]
         note = (f"DeepSpeed ZeRO state written by {saved_world} process(es) loads on {world} as a universal "
-                f"checkpoint ({how}: {universal}, read with checkpoint.load_universal)")
+                f"checkpoint, converted once in {seconds:.1f} s ({universal}, read with checkpoint.load_universal)")
         return StateSource(universal, LOAD_UNIVERSAL, note)
 
 
 def convert_to_universal(folder: Path, universal: Path) -> None:
     """`folder`'s ZeRO partitions as a universal checkpoint in `universal`, beside a copy of the files Accelerate's
     `load_state` reads there too (scheduler, random states)."""
+    started = time.perf_counter()
     staging = universal.with_name(f".incomplete-{UNIVERSAL}")
     shutil.rmtree(staging, ignore_errors=True)  # left by a conversion that was cut off
     staging.mkdir()
@@ -76,4 +78,5 @@ def convert_to_universal(folder: Path, universal: Path) -> None:
     for path in folder.iterdir():
         if path.is_file() and path.name != MANIFEST and path.suffix != ".lock":
             shutil.copy2(path, staging / path.name)
+    (staging / CONVERSION).write_text(json.dumps({"seconds": time.perf_counter() - started}))
     staging.rename(universal)
