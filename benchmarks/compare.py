@@ -33,7 +33,7 @@ from launcher.train.reporting import read_metrics_log
 from benchmarks.environment import describe_machine, load_1min
 from benchmarks.measure import MeasureError, measure_run, ratios, summarize_repeats
 from benchmarks.processes import run_child
-from benchmarks.report import first_failure, markdown_table, write_results
+from benchmarks.report import RESULTS, first_failure, markdown_table, write_results
 from benchmarks.tutorial_baselines import baseline_lengths
 
 REPO = Path(__file__).resolve().parent.parent
@@ -133,7 +133,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--processes", type=int, default=1, help="processes the --launch prefix starts (launcher variants)")
     parser.add_argument("--launch", default=None, help='prefix for launcher runs, e.g. "accelerate launch --num_processes 2"')
     parser.add_argument("--name", default=None, help="result file stem (default: RECIPE-DEVICE)")
-    parser.add_argument("--results-dir", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS)
     parser.add_argument("--work-dir", type=Path, default=REPO / "benchmarks" / "work",
                         help="run folders go in WORK_DIR/NAME/ (kept for inspection)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds before one run is killed")

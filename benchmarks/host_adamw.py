@@ -12,7 +12,6 @@ to rounding, or not). Writes JSON and a Markdown table with the machine and vers
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from datetime import datetime, timezone
@@ -23,6 +22,7 @@ import torch
 
 from benchmarks.environment import describe_machine, library_version
 from benchmarks.measure import spread
+from benchmarks.report import RESULTS, publish
 from launcher.distributed.devices import detect_device
 
 HYPER = {"lr": 1e-4, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.01}
@@ -76,7 +76,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--params", type=int, default=20_000_000, help="elements of the flat fp32 partition")
     parser.add_argument("--repeats", type=int, default=20, help="timed steps per optimizer")
     parser.add_argument("--optimizers", default=",".join(OPTIMIZERS), help=f"comma-separated, from {', '.join(OPTIMIZERS)}")
-    parser.add_argument("--results-dir", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--results-dir", type=Path, default=RESULTS)
     parser.add_argument("--name", default="host-adamw", help="file stem of the JSON and Markdown written")
     return parser.parse_args(argv)
 
@@ -107,10 +107,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "hyperparameters": HYPER,
         "optimizers": rows,
     }
-    args.results_dir.mkdir(parents=True, exist_ok=True)
-    (args.results_dir / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    (args.results_dir / f"{args.name}.md").write_text(markdown(result), encoding="utf-8")
-    print(markdown(result))
+    publish(result, args.results_dir, args.name, markdown(result))
     return 0
 
 

@@ -38,11 +38,11 @@ from launcher.plan.preflight import RunPlan, check_recipe
 from launcher.recipe.loading import RecipeError, load_recipe
 from launcher.recipe.schema import Recipe
 from launcher.tasks import prepare_task_once
-from launcher.train.checkpoints import CheckpointCost, CheckpointError, Checkpointer, TrainPosition
+from launcher.train.checkpoints import CheckpointCost, CheckpointError, Checkpointer, TrainPosition, run_identity
 from launcher.train.curves import write_curves
 from launcher.train.elastic import plan_resume
 from launcher.train.loop import CollectiveError, NonFiniteLossError, TrainingLoop
-from launcher.train.optimization import build_optimizer, build_scheduler, total_optimizer_steps, warmup_steps
+from launcher.train.optimization import build_optimizer, build_scheduler
 from launcher.train.run_directory import (
     RunDirectoryError,
     check_run_directory,
@@ -121,42 +121,34 @@ def setup(recipe: Recipe) -> Session:
     # Before the process group exists: a rank waiting for another's tokenization waits on a file lock, not
     # inside a collective that training.collective_timeout_s would end.
     prepared, preparation = prepare_task_once(recipe, tokenizer)
-    # Before the Accelerator takes its accumulation, and before any process group: resharding a checkpoint for
-    # another world size can take long too.
-    resume_plan = plan_resume(recipe, launched_world_size())
+    resume_plan = plan_resume(recipe, launched_world_size())  # before the Accelerator takes its accumulation
     recipe = resume_plan.recipe
-    accelerator = build_accelerator(recipe, precision, device, resume_plan.deepspeed_config)
+    accelerator = build_accelerator(recipe, precision, device)
+    task, tokenized = prepared.task, prepared.data
+    identity = run_identity(recipe, accelerator.num_processes, len(tokenized.train))
+    # Before any collective: resharding a checkpoint for another world size can take long, and every rank but the
+    # one doing it waits on a file lock meanwhile.
+    resume_state = resume_plan.state_for(accelerator, identity)
     run_dir = prepare_run_directory(recipe, accelerator.is_main_process)
     if accelerator.log_with:
         accelerator.init_trackers("launcher")
     set_seed(recipe.training.seed)
 
-    task, tokenized = prepared.task, prepared.data
     train_loader, eval_loader = build_dataloaders(tokenized, recipe, *task.collators(), task.class_ids(tokenized.train))
     model, load_notes = load_model(recipe, task, tokenizer)
     if recipe.training.compile:
         model.compile()  # in place: parameter names and state_dict keys stay those of the plain model
     optimizer = build_optimizer(model, recipe.training, optimizer_step_device(accelerator, device.type))
-    total_steps = total_optimizer_steps(len(tokenized.train), recipe.training, accelerator.num_processes)
+    total_steps = identity["total_steps"]
     scheduler = build_scheduler(optimizer, recipe.training, total_steps)
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     if eval_loader is not None:
         eval_loader = accelerator.prepare(eval_loader)
     accelerator.register_for_checkpointing(scheduler)
 
-    identity = {
-        "world_size": accelerator.num_processes,
-        "global_batch": recipe.training.per_device_batch_size * recipe.training.gradient_accumulation_steps * accelerator.num_processes,
-        "total_steps": total_steps,
-        "warmup_steps": warmup_steps(recipe.training, total_steps),
-        "scheduler": recipe.training.scheduler,
-        "lr": recipe.training.lr,
-        "train_examples": len(tokenized.train),
-        "seed": recipe.training.seed,
-    }
     checkpointer = Checkpointer(accelerator, run_dir, recipe.output.keep_last, identity)
     position = TrainPosition()
-    loaded = resume_plan.load(checkpointer, position)
+    loaded = resume_plan.load(checkpointer, position, resume_state)
 
     plan = RunPlan(recipe, accelerator.num_processes, device.type, str(accelerator.distributed_type), precision,
                    len(tokenized.train), len(tokenized.eval) if tokenized.eval is not None else None)
@@ -164,6 +156,7 @@ def setup(recipe: Recipe) -> Session:
     plan.notes += [f"parameters: {trainable:,} trainable of {total:,}", host_memory, preparation.note(), *prepared.notes, *load_notes]
     plan.notes += filter(None, [precision_note(device, precision)])
     plan.notes += resume_plan.notes
+    plan.notes += filter(None, [resume_state and resume_state.note])
     if loaded is not None:
         plan.notes.append(f"resumed at optimizer step {position.optimizer_step} (epoch {position.epoch}, batch "
                           f"{position.batches_in_epoch}); checkpoint read: {loaded.describe()}")

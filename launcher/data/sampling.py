@@ -126,6 +126,7 @@ def length_grouped_indices(lengths: np.ndarray, batch_size: int, generator: torc
     shuffle, sort megabatches of up to 50 batches by length, longest first, and swap the longest example of all
     to the very front."""
     multiple = max(1, min(len(lengths) // (batch_size * 4), MEGABATCH_BATCHES))
+    lengths = lengths.astype(np.int64)  # negated below: no unsigned wrap-around
     indices = randperm(len(lengths), generator)
     size = multiple * batch_size
     megabatches = [block[np.argsort(-lengths[block], kind="stable")]

@@ -40,10 +40,7 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def build_accelerator(recipe: Recipe, precision: Precision, device: DeviceInfo,
-                      deepspeed_entries: Optional[dict[str, Any]] = None) -> Accelerator:
-    """The Accelerator of this launch; under DeepSpeed, `deepspeed_entries` (what loading a resharded checkpoint
-    needs) join the DeepSpeed config before the engine reads it."""
+def build_accelerator(recipe: Recipe, precision: Precision, device: DeviceInfo) -> Accelerator:
     world_size = launched_world_size()
     check_local_processes(device, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     handlers = []
@@ -76,8 +73,6 @@ def build_accelerator(recipe: Recipe, precision: Precision, device: DeviceInfo,
             raise LaunchError(problem)
         plugin = accelerator.state.deepspeed_plugin
         reconcile_deepspeed_config(plugin.deepspeed_config, recipe.training, precision, world_size)
-        for section, entries in (deepspeed_entries or {}).items():
-            plugin.deepspeed_config.setdefault(section, {}).update(entries)
         # The HfDeepSpeedConfig that from_pretrained reads (ZeRO-3 init) is a copy: refresh it after filling.
         plugin.set_deepspeed_weakref()
     return accelerator

@@ -436,7 +436,8 @@ class OutputSection(Section):
     """`auto` resumes from the latest complete checkpoint in `dir` (starts fresh if none); or a checkpoint path."""
     allow_changed_resume: bool = False
     """Resume even if the global batch or schedule differ from the checkpoint's (a different run). Another number of
-    processes alone needs no flag: DDP and one-process checkpoints resume on it at the same global batch."""
+    processes alone needs no flag: the run resumes on it at the same global batch (DDP, FSDP and DeepSpeed ZeRO
+    checkpoints alike)."""
     overwrite: bool = False
     """Allow starting a new run in a `dir` that already holds a finished run (its files are replaced)."""
     report_to: Literal["auto", "none", "tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio"] = "auto"

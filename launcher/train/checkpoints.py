@@ -27,6 +27,9 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
+from launcher.recipe.schema import Recipe
+from launcher.train.optimization import total_optimizer_steps, warmup_steps
+
 CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
 NAME_PATTERN = re.compile(r"^step-(\d{8})$")
@@ -208,24 +211,10 @@ class Checkpointer:
         for old in self.complete()[: -self.keep_last]:
             shutil.rmtree(old)
 
-    def check_identity(self, folder: Path, manifest: dict[str, Any]) -> None:
-        """Refuse a resume that would quietly be a different run (other global batch or schedule). The world size
-        may change (launcher/train/elastic.py): at the same global batch, each step holds the same examples."""
-        saved = manifest["identity"]
-        changed = {k: (saved.get(k), v) for k, v in self.identity.items() if saved.get(k) != v and k != "world_size"}
-        if changed:
-            lines = ", ".join(f"{k}: {old} -> {new}" for k, (old, new) in sorted(changed.items()))
-            raise CheckpointError(
-                f"{folder} was written by a different run setup ({lines}); "
-                "resume with the same settings, or set output.allow_changed_resume=true to accept the change"
-            )
-
     def load(self, folder: Path, manifest: dict[str, Any], state: Path, position: TrainPosition, allow_changed: bool) -> None:
-        """Restore checkpoint `folder` (its verified `manifest`) into the prepared objects, the random generators
-        and `position`; Accelerate reads model, optimizer and scheduler from `state` (the checkpoint itself, or its
-        state resharded for this world size: launcher/train/checkpoint_layouts/)."""
-        if not allow_changed:
-            self.check_identity(folder, manifest)
+        """Restore checkpoint `folder` (its verified `manifest`, its identity checked: `check_identity`) into the
+        prepared objects, the random generators and `position`; Accelerate reads model, optimizer and scheduler from
+        `state` (the checkpoint itself, or its state resharded for this world size: launcher/train/checkpoint_layouts/)."""
         saved_world, world = manifest["identity"].get("world_size", self.accelerator.num_processes), self.accelerator.num_processes
         self.accelerator.load_state(str(state))
         self.load_rng(folder, allow_changed or saved_world != world)
@@ -243,6 +232,35 @@ class Checkpointer:
             warnings.warn(f"{path} is missing (changed world size?); this rank keeps its freshly seeded generators")
             return
         restore_rng(torch.load(path, weights_only=False), self.accelerator.device.type, path)
+
+
+def run_identity(recipe: Recipe, world_size: int, train_examples: int) -> dict[str, Any]:
+    """What makes two runs the same run, as every checkpoint's manifest records it."""
+    training = recipe.training
+    total_steps = total_optimizer_steps(train_examples, training, world_size)
+    return {
+        "world_size": world_size,
+        "global_batch": training.per_device_batch_size * training.gradient_accumulation_steps * world_size,
+        "total_steps": total_steps,
+        "warmup_steps": warmup_steps(training, total_steps),
+        "scheduler": training.scheduler,
+        "lr": training.lr,
+        "train_examples": train_examples,
+        "seed": training.seed,
+    }
+
+
+def check_identity(folder: Path, manifest: dict[str, Any], identity: dict[str, Any]) -> None:
+    """Refuse a resume that would quietly be a different run (other global batch or schedule). The world size
+    may change (launcher/train/elastic.py): at the same global batch, each step holds the same examples."""
+    saved = manifest["identity"]
+    changed = {k: (saved.get(k), v) for k, v in identity.items() if saved.get(k) != v and k != "world_size"}
+    if changed:
+        lines = ", ".join(f"{k}: {old} -> {new}" for k, (old, new) in sorted(changed.items()))
+        raise CheckpointError(
+            f"{folder} was written by a different run setup ({lines}); "
+            "resume with the same settings, or set output.allow_changed_resume=true to accept the change"
+        )
 
 
 def rebatched(batches_in_epoch: int, saved_world: int, world: int, folder: Path) -> int:

@@ -1,6 +1,6 @@
-"""How a run resumes, planned before the process group exists (`plan_resume`): the checkpoint `output.resume_from`
-names, verified, and, on another number of processes, the same run: a checkpoint written by W processes continues
-on W' at the same global batch, every optimizer step holding exactly the examples it would have held.
+"""How a run resumes (`plan_resume`, then `ResumePlan`): the checkpoint `output.resume_from` names, verified, and,
+on another number of processes, the same run: a checkpoint written by W processes continues on W' at the same
+global batch, every optimizer step holding exactly the examples it would have held.
 
 Why the examples stay the same: the training order is defined globally. Each epoch the sampler draws one order
 of all examples (from `training.seed` and the epoch alone) and cuts it into per-device batches; Accelerate deals
@@ -11,7 +11,8 @@ built, and the position within the epoch is counted in global batches (`Checkpoi
 
 Model and optimizer state follow the checkpoint's layout (launcher/train/checkpoint_layouts/): whole state (one
 process, DDP) and FSDP state load on any number of processes as they are; DeepSpeed ZeRO partitions are converted
-once into DeepSpeed's universal checkpoint. All of it happens before the process group exists.
+once into DeepSpeed's universal checkpoint, after every refusal that can be made without them, and while no rank
+is inside a collective.
 
 What cannot carry over: the random generators of ranks that did not exist, or whose counterparts held other
 batches (dropout masks then differ; runs without dropout are exact).
@@ -24,14 +25,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from accelerate import Accelerator
+
 from launcher.recipe.schema import Recipe
-from launcher.train.checkpoint_layouts import LAYOUTS, CheckpointLayout, StateSource, layout_of, layout_written_under
+from launcher.train.checkpoint_layouts import LAYOUTS, CheckpointLayout, StateSource, layout_of, layout_written_by
 from launcher.train.checkpoints import (
     CHECKPOINTS,
     CheckpointCost,
     CheckpointError,
     Checkpointer,
     TrainPosition,
+    check_identity,
     folder_bytes,
     sealed_checkpoints,
     verify_or_advise,
@@ -78,7 +82,8 @@ def fit_to_world_size(recipe: Recipe, identity: dict[str, Any], world_size: int)
 
 @dataclass(frozen=True)
 class ResumePlan:
-    """What a run continues from, decided before the process group exists."""
+    """What a run continues from: decided before the Accelerator is built (`plan_resume`), checked against the run
+    and resharded after it is built and before anything is prepared (`state_for`), loaded after (`load`)."""
 
     recipe: Recipe
     """The recipe to run: on another world size, with the accumulation that keeps the checkpoint's global batch."""
@@ -86,43 +91,49 @@ class ResumePlan:
     """The sealed checkpoint to continue, verified; None for a fresh start."""
     manifest: dict[str, Any] = field(default_factory=dict)
     layout: Optional[CheckpointLayout] = None
-    state: Optional[StateSource] = None
     notes: tuple[str, ...] = ()
 
-    @property
-    def deepspeed_config(self) -> dict[str, Any]:
-        """DeepSpeed config entries that loading the state needs (set before the engine is built)."""
-        return self.state.deepspeed_config if self.state else {}
-
-    def load(self, checkpointer: Checkpointer, position: TrainPosition) -> Optional[CheckpointCost]:
-        """Load the checkpoint into the prepared objects and `position`; what reading it cost (None: fresh start)."""
+    def state_for(self, accelerator: Accelerator, identity: dict[str, Any]) -> Optional[StateSource]:
+        """Where the checkpoint's state loads from in the run of `accelerator` and `identity`, once every refusal
+        that does not need the state has been made (other engine, other run), so none comes after a resharding."""
         if self.checkpoint is None:
             return None
-        engine = checkpointer.accelerator.distributed_type
-        if self.layout is not None and not self.layout.written_under(engine):
-            raise CheckpointError(f"{self.checkpoint} holds {self.layout.name}, but this run ({engine.value}) reads "
-                                  f"{layout_written_under(engine).name}: resume with the launch configuration that wrote it")
+        written_by_run = layout_written_by(accelerator)
+        if self.layout is not None and written_by_run is not self.layout:
+            wanted = written_by_run.name if written_by_run else "per-rank files"
+            raise CheckpointError(f"{self.checkpoint} holds {self.layout.name}, but this run "
+                                  f"({accelerator.distributed_type.value}) reads {wanted}: resume with the launch "
+                                  "configuration that wrote it")
+        if not self.recipe.output.allow_changed_resume:
+            check_identity(self.checkpoint, self.manifest, identity)
+        saved_world = self.manifest["identity"].get("world_size", accelerator.num_processes)
+        if saved_world == accelerator.num_processes:
+            return StateSource(self.checkpoint)
+        if self.layout is None:
+            raise CheckpointError(
+                f"{self.checkpoint} was written by {saved_world} process(es) in none of the layouts this launcher "
+                f"reshards ({'; '.join(known.name for known in LAYOUTS)}; per-rank files are not): resume on "
+                f"{saved_world} process(es)")
+        return self.layout.resharded(self.checkpoint, saved_world, accelerator)
+
+    def load(self, checkpointer: Checkpointer, position: TrainPosition, state: Optional[StateSource]) -> Optional[CheckpointCost]:
+        """Load the checkpoint from `state` into the prepared objects and `position`; what reading it cost (None:
+        a fresh start)."""
+        if state is None:
+            return None
         started = time.perf_counter()
-        checkpointer.load(self.checkpoint, self.manifest, self.state.folder, position, self.recipe.output.allow_changed_resume)
-        return CheckpointCost(time.perf_counter() - started, folder_bytes(self.state.folder))
+        checkpointer.load(self.checkpoint, self.manifest, state.folder, position, self.recipe.output.allow_changed_resume)
+        return CheckpointCost(time.perf_counter() - started, folder_bytes(state.folder))
 
 
 def plan_resume(recipe: Recipe, world_size: int) -> ResumePlan:
-    """The checkpoint `output.resume_from` names, verified, with its state made loadable on `world_size` processes."""
+    """The checkpoint `output.resume_from` names, verified, with the recipe fitted to `world_size` processes."""
     folder = checkpoint_to_resume(recipe)
     if folder is None:
         return ResumePlan(recipe)
     if not folder.is_dir():
         raise CheckpointError(f"output.resume_from: {folder} is not a checkpoint folder")
     manifest = verify_or_advise(folder)
-    layout = layout_of(folder)
     saved_world = manifest["identity"].get("world_size", world_size)
-    if saved_world == world_size:
-        return ResumePlan(recipe, folder, manifest, layout, StateSource(folder))
-    if layout is None:
-        raise CheckpointError(
-            f"{folder} was written by {saved_world} process(es) in none of the layouts this launcher reshards "
-            f"({'; '.join(known.name for known in LAYOUTS)}; per-rank files are not): resume on {saved_world} process(es)")
-    fitted, notes = fit_to_world_size(recipe, manifest["identity"], world_size)
-    state = layout.state_for_world_size(folder, saved_world, world_size)
-    return ResumePlan(fitted, folder, manifest, layout, state, (*notes, *filter(None, [state.note])))
+    fitted, notes = (recipe, []) if saved_world == world_size else fit_to_world_size(recipe, manifest["identity"], world_size)
+    return ResumePlan(fitted, folder, manifest, layout_of(folder), tuple(notes))

@@ -299,8 +299,8 @@ def test_async_checkpoint_benchmark_measures_both_saves(tmp_path):
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((tmp_path / "smoke.json").read_text())
-    assert len(result["launcher_save"]) == len(result["async_save"]) == 2
-    assert all(save["critical_s"] > 0 and save["bytes"] > 1e6 for save in result["launcher_save"])
+    assert len(result["launcher_save"]) == len(result["accelerate_write"]) == len(result["async_save"]) == 2
+    assert all(save["critical_s"] > 0 and save["bytes"] > 1e6 for save in result["launcher_save"] + result["accelerate_write"])
     assert all(save["write_done_s"] >= save["blocked_s"] > 0 and save["bytes"] > 1e6 for save in result["async_save"])
     assert (tmp_path / "work" / "launcher" / "checkpoints" / "step-00000002" / "manifest.json").is_file()
     assert "| `torch.distributed.checkpoint.async_save` (write only) |" in (tmp_path / "smoke.md").read_text()

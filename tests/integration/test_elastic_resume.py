@@ -14,13 +14,17 @@ checkpoints every 3 steps; killed after step 11 (checkpoint at step 9, mid-epoch
 
 from __future__ import annotations
 
+import json
+
 import pytest
+from accelerate import Accelerator
 
 from faults import run_faulty, train_records
 from launching import CPU_DEEPSPEED, TOLERANCE, assert_weights_close
 from recipes import tiny_recipe, write_recipe
-from launcher.train.checkpoints import CheckpointError
-from launcher.train.elastic import accumulation_for
+from launcher.recipe.schema import Recipe
+from launcher.train.checkpoints import MANIFEST, CheckpointError, run_identity
+from launcher.train.elastic import accumulation_for, plan_resume
 
 STEPS = 16
 ENGINES = {
@@ -93,3 +97,21 @@ def test_a_global_batch_no_accumulation_keeps_is_refused_with_the_numbers():
         accumulation_for(8, 4, 3)
     with pytest.raises(CheckpointError, match="global batch 8 cannot be kept on 4 process"):
         accumulation_for(8, 4, 4)
+
+
+def test_per_rank_state_on_another_world_size_is_refused_before_anything_loads(start_model, tmp_path):
+    """FSDP's LOCAL_STATE_DICT writes one file per rank: no layout reshards it, so a resume on 1 process of a
+    checkpoint written by 2 is refused by name (at the same world size Accelerate reads it as written)."""
+    recipe = Recipe.model_validate(tiny_recipe(start_model, tmp_path / "run", model="start",
+                                               training={"per_device_batch_size": 4},
+                                               output={"resume_from": str(tmp_path / "step-00000003")}))
+    checkpoint = tmp_path / "step-00000003"
+    checkpoint.mkdir()
+    (checkpoint / "pytorch_model_fsdp_rank0.bin").write_bytes(b"")
+    written_by_two = run_identity(recipe.model_copy(update={"training": recipe.training.model_copy(
+        update={"gradient_accumulation_steps": 1})}), 2, 64)
+    (checkpoint / MANIFEST).write_text(json.dumps({"identity": written_by_two, "files": {}, "position": {}}))
+    plan = plan_resume(recipe, 1)
+    assert plan.recipe.training.gradient_accumulation_steps == 2 and plan.layout is None
+    with pytest.raises(CheckpointError, match="written by 2 process.es. in none of the layouts this launcher reshards"):
+        plan.state_for(Accelerator(cpu=True), run_identity(plan.recipe, 1, 64))

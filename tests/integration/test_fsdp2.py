@@ -52,7 +52,8 @@ def write_run(folder, llama: dict, per_device: int, accumulation: int, **section
     training = {"epochs": 1, "per_device_batch_size": per_device, "gradient_accumulation_steps": accumulation,
                 "log_sample_fingerprints": True, **sections.pop("training", {})}
     recipe = tiny_recipe(llama, folder / "out", model="start", training=training,
-                         output={"save_every_epoch": False, "save_every_steps": 8}, **sections)
+                         output={"save_every_epoch": False, "save_every_steps": 8, **sections.pop("output", {})},
+                         **sections)
     return write_recipe(folder / "recipe.yaml", recipe)
 
 
@@ -130,8 +131,10 @@ def test_fsdp2_resumed_on_another_number_of_processes_is_the_same_run(fsdp2_run,
 
     resumed = launch(*state_dict, "launcher/run.py", str(recipe), "output.resume_from=auto", processes=resumed_on)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    how = "torch.distributed.checkpoint reshards it" if state_dict_type == "SHARDED_STATE_DICT" else "the full state dict is sharded anew"
-    assert f"FSDP state written by {processes} process(es) loads on {resumed_on}: {how}" in resumed.stdout
+    how = ("FSDP shards written by {} process(es) load on {}: torch.distributed.checkpoint reshards them"
+           if state_dict_type == "SHARDED_STATE_DICT" else "FSDP full state dict written by {} process(es) loads on {}: "
+           "it is sharded anew")
+    assert how.format(processes, resumed_on) in resumed.stdout, resumed.stdout[-3000:]
     assert "resumed at optimizer step 8" in resumed.stdout
 
     expected, got = train_records(fsdp2_run[0]), train_records(run_dir)
@@ -140,6 +143,18 @@ def test_fsdp2_resumed_on_another_number_of_processes_is_the_same_run(fsdp2_run,
         assert sorted(got[step]["sample_fingerprints"]) == sorted(record["sample_fingerprints"]), step
         assert got[step]["loss"] == pytest.approx(record["loss"], rel=0, abs=TOLERANCE), step
     assert_weights_close(run_dir / "model", fsdp2_run[0] / "model")
+
+
+def test_a_checkpoint_in_the_other_fsdp_state_dict_type_is_refused_before_anything_loads(fsdp2_run, llama, tmp_path):
+    """Accelerate reads the state dict type of the run's plugin: the sharded checkpoint of fsdp2.yaml under
+    FULL_STATE_DICT would fail deep inside a collective; it is refused naming both forms."""
+    checkpoint = sorted((fsdp2_run[0] / "checkpoints").glob("step-*"))[-1]
+    recipe = write_run(tmp_path, llama, 4, 1, output={"resume_from": str(checkpoint)})
+    refused = launch("--fsdp_state_dict_type", "FULL_STATE_DICT", "launcher/run.py", str(recipe))
+    assert refused.returncode == 1
+    assert (f"{checkpoint} holds FSDP shards (pytorch_model_fsdp_0/, SHARDED_STATE_DICT through "
+            "torch.distributed.checkpoint), but this run (FSDP) reads an FSDP full state dict") in refused.stderr, refused.stderr[-3000:]
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()
 
 
 def test_fsdp2_lora_exports_models_that_reproduce_the_training_evaluation(llama, tmp_path):

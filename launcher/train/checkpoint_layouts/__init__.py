@@ -1,6 +1,6 @@
 """Checkpoint layouts, one module per way an engine's `save_state` lays out model and optimizer state: whole state
-in one file (one process, DDP), FSDP's full or sharded state, DeepSpeed ZeRO partitions. Chosen from a
-checkpoint's files (`layout_of`) or from the engine of a run (`layout_written_under`)."""
+in one file (one process, DDP), FSDP's full state dict or its shards, DeepSpeed ZeRO partitions. Chosen from a
+checkpoint's files (`layout_of`) or from the Accelerator of a run (`layout_written_by`)."""
 
 from __future__ import annotations
 
@@ -8,15 +8,15 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from accelerate.utils import DistributedType
+from accelerate import Accelerator
 
 from launcher.train.checkpoint_layouts.base import CheckpointLayout, StateSource
 from launcher.train.checkpoint_layouts.deepspeed import DeepSpeedZero
-from launcher.train.checkpoint_layouts.fsdp import FsdpState
+from launcher.train.checkpoint_layouts.fsdp import FsdpFull, FsdpSharded
 from launcher.train.checkpoint_layouts.one_file import OneFile
 from launcher.train.checkpoints import CheckpointError
 
-LAYOUTS: tuple[CheckpointLayout, ...] = (OneFile(), FsdpState(), DeepSpeedZero())
+LAYOUTS: tuple[CheckpointLayout, ...] = (OneFile(), FsdpFull(), FsdpSharded(), DeepSpeedZero())
 
 
 def layout_of(folder: Path) -> Optional[CheckpointLayout]:
@@ -24,8 +24,9 @@ def layout_of(folder: Path) -> Optional[CheckpointLayout]:
     return next((layout for layout in LAYOUTS if layout.holds(folder)), None)
 
 
-def layout_written_under(distributed_type: DistributedType) -> CheckpointLayout:
-    return next(layout for layout in LAYOUTS if layout.written_under(distributed_type))
+def layout_written_by(accelerator: Accelerator) -> Optional[CheckpointLayout]:
+    """The layout `accelerator`'s `save_state` writes, or None when it is none of the known ones (per-rank files)."""
+    return next((layout for layout in LAYOUTS if layout.written_by(accelerator)), None)
 
 
 def full_state_dict(folder: Path) -> dict[str, torch.Tensor]:

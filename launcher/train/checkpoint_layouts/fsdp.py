@@ -1,11 +1,12 @@
-"""FSDP: the full state dict gathered into one file (`fsdp_state_dict_type: FULL_STATE_DICT`), or state sharded
-by rank and written with `torch.distributed.checkpoint` (`SHARDED_STATE_DICT`).
+"""FSDP, in the two forms Accelerate's `save_state` writes: the full state dict gathered into one file
+(`fsdp_state_dict_type: FULL_STATE_DICT`), or each rank's shards written with `torch.distributed.checkpoint`
+(`SHARDED_STATE_DICT`, accelerate_configs/fsdp2.yaml's). Accelerate reads a checkpoint in the form the run's plugin
+writes, so each form is its own layout: a checkpoint in the other one is refused before anything loads.
 
 Both load on any number of processes as they are: a full state dict is scattered to the new shards, and
 `torch.distributed.checkpoint` plans its reads from the shards the loading processes hold, whatever wrote the
-files (measured with torch 2.13 and Accelerate 1.16: 2 -> 1 and 1 -> 2 CPU processes, FSDP2, both state dict
-types). Per-rank files (`LOCAL_STATE_DICT`, or Accelerate's `use_dcp=False`) are not this layout: nothing
-reshards them.
+files (measured with torch 2.13 and Accelerate 1.16: 2 -> 1 and 1 -> 2 CPU processes, FSDP2). Per-rank files
+(`LOCAL_STATE_DICT`, or Accelerate's `use_dcp=False`) are neither: nothing reshards them.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
 from accelerate.utils import DistributedType, merge_fsdp_weights
 from safetensors.torch import load_file
 
@@ -24,23 +26,42 @@ SHARDS = "pytorch_model_fsdp_0"
 MERGED_WEIGHTS = "model.safetensors"
 
 
-class FsdpState(CheckpointLayout):
-    name = f"FSDP state ({FULL}, or {SHARDS}/ written by torch.distributed.checkpoint)"
+def plugin_writes(accelerator: Accelerator, state_dict_type: str) -> bool:
+    return (accelerator.distributed_type == DistributedType.FSDP
+            and accelerator.state.fsdp_plugin.state_dict_type.name == state_dict_type)
 
-    def written_under(self, distributed_type: DistributedType) -> bool:
-        return distributed_type == DistributedType.FSDP
+
+class FsdpFull(CheckpointLayout):
+    name = f"an FSDP full state dict ({FULL}, FULL_STATE_DICT)"
+
+    def written_by(self, accelerator: Accelerator) -> bool:
+        return plugin_writes(accelerator, "FULL_STATE_DICT")
 
     def holds(self, folder: Path) -> bool:
-        return (folder / FULL).is_file() or (folder / SHARDS).is_dir()
+        return (folder / FULL).is_file()
 
     def full_state_dict(self, folder: Path) -> dict[str, torch.Tensor]:
-        if (folder / FULL).is_file():
-            return torch.load(folder / FULL, map_location="cpu", weights_only=True)
+        return torch.load(folder / FULL, map_location="cpu", weights_only=True)
+
+    def resharded(self, folder: Path, saved_world: int, accelerator: Accelerator) -> StateSource:
+        return StateSource(folder, f"FSDP full state dict written by {saved_world} process(es) loads on "
+                                   f"{accelerator.num_processes}: it is sharded anew")
+
+
+class FsdpSharded(CheckpointLayout):
+    name = f"FSDP shards ({SHARDS}/, SHARDED_STATE_DICT through torch.distributed.checkpoint)"
+
+    def written_by(self, accelerator: Accelerator) -> bool:
+        return plugin_writes(accelerator, "SHARDED_STATE_DICT")
+
+    def holds(self, folder: Path) -> bool:
+        return (folder / SHARDS).is_dir()
+
+    def full_state_dict(self, folder: Path) -> dict[str, torch.Tensor]:
         with tempfile.TemporaryDirectory() as merged:
             merge_fsdp_weights(str(folder / SHARDS), merged)
             return load_file(str(Path(merged) / MERGED_WEIGHTS))
 
-    def state_for_world_size(self, folder: Path, saved_world: int, world: int) -> StateSource:
-        how = ("the full state dict is sharded anew" if (folder / FULL).is_file()
-               else "torch.distributed.checkpoint reshards it as it reads")
-        return StateSource(folder, note=f"FSDP state written by {saved_world} process(es) loads on {world}: {how}")
+    def resharded(self, folder: Path, saved_world: int, accelerator: Accelerator) -> StateSource:
+        return StateSource(folder, f"FSDP shards written by {saved_world} process(es) load on "
+                                   f"{accelerator.num_processes}: torch.distributed.checkpoint reshards them as it reads")

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from safetensors.torch import load_file
 
@@ -17,8 +18,8 @@ WEIGHTS = "model.safetensors"
 class OneFile(CheckpointLayout):
     name = f"whole state in one file ({WEIGHTS}: one process or DDP)"
 
-    def written_under(self, distributed_type: DistributedType) -> bool:
-        return distributed_type not in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+    def written_by(self, accelerator: Accelerator) -> bool:
+        return accelerator.distributed_type not in (DistributedType.DEEPSPEED, DistributedType.FSDP)
 
     def holds(self, folder: Path) -> bool:
         return (folder / WEIGHTS).is_file()
