@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from accelerate import Accelerator
@@ -26,19 +27,25 @@ SHARDS = "pytorch_model_fsdp_0"
 MERGED_WEIGHTS = "model.safetensors"
 
 
-def plugin_writes(accelerator: Accelerator, state_dict_type: str) -> bool:
-    return (accelerator.distributed_type == DistributedType.FSDP
-            and accelerator.state.fsdp_plugin.state_dict_type.name == state_dict_type)
+class FsdpState(CheckpointLayout):
+    """What both forms share: the run's plugin writes them by its state dict type, a folder holds them by name."""
 
-
-class FsdpFull(CheckpointLayout):
-    name = f"an FSDP full state dict ({FULL}, FULL_STATE_DICT)"
+    state_dict_type: ClassVar[str]
+    written: ClassVar[str]
+    """The file or folder Accelerate writes the model's state to."""
 
     def written_by(self, accelerator: Accelerator) -> bool:
-        return plugin_writes(accelerator, "FULL_STATE_DICT")
+        return (accelerator.distributed_type == DistributedType.FSDP
+                and accelerator.state.fsdp_plugin.state_dict_type.name == self.state_dict_type)
 
     def holds(self, folder: Path) -> bool:
-        return (folder / FULL).is_file()
+        return (folder / self.written).exists()
+
+
+class FsdpFull(FsdpState):
+    name = f"an FSDP full state dict ({FULL}, FULL_STATE_DICT)"
+    state_dict_type = "FULL_STATE_DICT"
+    written = FULL
 
     def full_state_dict(self, folder: Path) -> dict[str, torch.Tensor]:
         return torch.load(folder / FULL, map_location="cpu", weights_only=True)
@@ -48,14 +55,10 @@ class FsdpFull(CheckpointLayout):
                                    f"{accelerator.num_processes}: it is sharded anew")
 
 
-class FsdpSharded(CheckpointLayout):
+class FsdpSharded(FsdpState):
     name = f"FSDP shards ({SHARDS}/, SHARDED_STATE_DICT through torch.distributed.checkpoint)"
-
-    def written_by(self, accelerator: Accelerator) -> bool:
-        return plugin_writes(accelerator, "SHARDED_STATE_DICT")
-
-    def holds(self, folder: Path) -> bool:
-        return (folder / SHARDS).is_dir()
+    state_dict_type = "SHARDED_STATE_DICT"
+    written = SHARDS
 
     def full_state_dict(self, folder: Path) -> dict[str, torch.Tensor]:
         with tempfile.TemporaryDirectory() as merged:
