@@ -178,13 +178,22 @@ set -uo pipefail
 
 # Slurm's warning (--signal=B:USR1@N, or `scancel --batch --signal=USR1`) reaches only this shell: pass it on
 # to every process of the training step (plain `scancel --signal` skips the batch shell itself). Processes still
-# loading the model ignore USR1 until their handler is installed, so repeat it until the step ends.
+# loading the model ignore USR1 until their handler is installed, so repeat it until the step ends. A task only
+# ignores USR1 once its shell has set the trap (launch_on_node): the warning is passed on once every node's task
+# has said so, since one landing earlier would end that task (and a data-preparing step) on the spot.
+export STARTED_DIR={started_dir}
+started_prefix="$SLURM_JOB_ID.${{SLURM_RESTART_COUNT:-0}}."
+mkdir -p "$STARTED_DIR"
 stop_requested=0
 forward_stop() {{
   [ "$stop_requested" = 1 ] && return
   stop_requested=1
   echo "preemption warning: asking the training processes to checkpoint and stop"
-  while :; do scancel --signal=USR1 "$SLURM_JOB_ID"; sleep {repeat_seconds}; done &
+  while :; do
+    started=$(find "$STARTED_DIR" -name "$started_prefix*" | wc -l)
+    [ "$started" -ge "$SLURM_JOB_NUM_NODES" ] && scancel --signal=USR1 "$SLURM_JOB_ID"
+    sleep {repeat_seconds}
+  done &
   repeater=$!
 }}
 trap forward_stop USR1
@@ -210,6 +219,7 @@ echo "job $SLURM_JOB_ID, restart ${{SLURM_RESTART_COUNT:-0}}, main $MAIN_HOST:$M
 # training processes); the training processes install their own handler and checkpoint on it.
 launch_on_node() {{
   trap '' USR1
+  touch "$STARTED_DIR/$SLURM_JOB_ID.${{SLURM_RESTART_COUNT:-0}}.$SLURM_NODEID"
   exec "$PYTHON" -m accelerate.commands.launch \
 {launch_arguments} \
     {run_script} "$RUN_RECIPE" output.resume_from=auto
@@ -262,6 +272,7 @@ def render_script(job: BatchJob) -> str:
         run_script=shlex.quote(str(job.run_script)),
         srun_cpus=srun_cpus,
         repeat_seconds=STOP_REPEAT_SECONDS,
+        started_dir=shlex.quote(str(job.log_dir.parent / "started")),
         prepare_step=PREPARE_STEP.format(prepare_script=shlex.quote(str(job.prepare_script)), srun_cpus=srun_cpus)
         if job.prepare_script else "",
     )
