@@ -215,7 +215,8 @@ class Checkpointer:
         """Restore checkpoint `folder` (its verified `manifest`, its identity checked: `check_identity`) into the
         prepared objects, the random generators and `position`; Accelerate reads model, optimizer and scheduler from
         `state` (the checkpoint itself, or its state resharded for this world size: launcher/train/checkpoint_layouts/)."""
-        saved_world, world = manifest["identity"].get("world_size", self.accelerator.num_processes), self.accelerator.num_processes
+        world = self.accelerator.num_processes
+        saved_world = world_size_of(manifest, world)
         self.accelerator.load_state(str(state))
         self.load_rng(folder, allow_changed or saved_world != world)
         position_state = dict(manifest["position"])
@@ -248,6 +249,11 @@ def run_identity(recipe: Recipe, world_size: int, train_examples: int) -> dict[s
         "train_examples": train_examples,
         "seed": training.seed,
     }
+
+
+def world_size_of(manifest: dict[str, Any], default: int) -> int:
+    """How many processes wrote the checkpoint of `manifest`; `default` where a manifest does not say."""
+    return manifest["identity"].get("world_size", default)
 
 
 def check_identity(folder: Path, manifest: dict[str, Any], identity: dict[str, Any]) -> None:

@@ -39,6 +39,7 @@ from launcher.train.checkpoints import (
     folder_bytes,
     sealed_checkpoints,
     verify_or_advise,
+    world_size_of,
 )
 
 
@@ -106,7 +107,7 @@ class ResumePlan:
                                   "configuration that wrote it")
         if not self.recipe.output.allow_changed_resume:
             check_identity(self.checkpoint, self.manifest, identity)
-        saved_world = self.manifest["identity"].get("world_size", accelerator.num_processes)
+        saved_world = world_size_of(self.manifest, accelerator.num_processes)
         if saved_world == accelerator.num_processes:
             return StateSource(self.checkpoint)
         if self.layout is None:
@@ -134,6 +135,6 @@ def plan_resume(recipe: Recipe, world_size: int) -> ResumePlan:
     if not folder.is_dir():
         raise CheckpointError(f"output.resume_from: {folder} is not a checkpoint folder")
     manifest = verify_or_advise(folder)
-    saved_world = manifest["identity"].get("world_size", world_size)
+    saved_world = world_size_of(manifest, world_size)
     fitted, notes = (recipe, []) if saved_world == world_size else fit_to_world_size(recipe, manifest["identity"], world_size)
     return ResumePlan(fitted, folder, manifest, layout_of(folder), tuple(notes))
