@@ -50,7 +50,7 @@ from launcher.train.run_directory import (
     recipe_sha256,
     write_run_summary,
 )
-from launcher.train.stopping import EXIT_STOPPED_FOR_RESUME, StopRequest
+from launcher.train.stopping import EXIT_STOPPED_FOR_RESUME, StoppedOnEveryRank, StopRequest
 
 USER_ERRORS = (RecipeError, DataError, ModelError, PrecisionError, LaunchError, RunDirectoryError, CheckpointError,
                NonFiniteLossError, CollectiveError)
@@ -90,7 +90,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.check:
             return check(recipe, load_topology(args.accelerate_config, args.processes, args.device_memory_gib))
         session = setup(recipe)
-        finished = session.trainer.train()
+        finished = train(session)
         return cleanup(session, finished)
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
@@ -166,6 +166,17 @@ def setup(recipe: Recipe) -> Session:
     trainer = TrainingLoop(recipe, accelerator, task, model, optimizer, scheduler, train_loader, eval_loader,
                       checkpointer, position, total_steps, stop_request)
     return Session(recipe, accelerator, trainer, tokenizer, started, loaded)
+
+
+def train(session: Session) -> bool:
+    try:
+        return session.trainer.train()
+    except StoppedOnEveryRank:
+        # Every rank stops at this step: close the process group together, as a finished run does. A rank that
+        # exits with gloo's process group open can abort in its worker threads (exit -6 instead of 1). Errors of
+        # one rank alone leave it open: peers stuck in a collective would never reach the shutdown's barrier.
+        shut_down(session.accelerator)
+        raise
 
 
 def cleanup(session: Session, finished: bool) -> int:

@@ -29,6 +29,7 @@ from accelerate import Accelerator
 
 from launcher.recipe.schema import Recipe
 from launcher.train.optimization import total_optimizer_steps, warmup_steps
+from launcher.train.stopping import StoppedOnEveryRank
 
 CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
@@ -39,6 +40,10 @@ VERSIONED_LIBRARIES = ("launcher", "torch", "transformers", "accelerate", "peft"
 
 class CheckpointError(RuntimeError):
     """A checkpoint could not be written, found, verified or resumed from."""
+
+
+class CheckpointWriteError(CheckpointError, StoppedOnEveryRank):
+    """Some rank failed to write its part of a checkpoint; every rank learnt it in one all-reduce."""
 
 
 @dataclass
@@ -147,7 +152,7 @@ class Checkpointer:
 
     def save(self, position: TrainPosition) -> Path:
         """Write one complete checkpoint for `position`; every rank must call it. If any rank fails to write,
-        every rank raises `CheckpointError` and the previous checkpoints stay as they were."""
+        every rank raises `CheckpointWriteError` and the previous checkpoints stay as they were."""
         name = f"step-{position.optimizer_step:08d}"
         final, staging = self.root / name, self.root / f".incomplete-{name}"
         main = self.accelerator.is_main_process
@@ -183,7 +188,7 @@ class Checkpointer:
             shutil.rmtree(staging, ignore_errors=True)
         previous = self.latest()
         reason = describe_write_error(error, self.root) if error else "another rank failed to write its part"
-        raise CheckpointError(
+        raise CheckpointWriteError(
             f"writing checkpoint {self.root / name} failed: {reason}. The previous checkpoint "
             f"{'(' + str(previous) + ') is untouched and loadable' if previous else 'does not exist'}"
         ) from error

@@ -32,7 +32,7 @@ from launcher.recipe.schema import Recipe
 from launcher.tasks.base import Batch, Task
 from launcher.train.checkpoints import CheckpointCost, Checkpointer, TrainPosition, folder_bytes
 from launcher.train.reporting import RunReporter
-from launcher.train.stopping import StopRequest
+from launcher.train.stopping import StoppedOnEveryRank, StopRequest
 
 
 WINDOW_TOTALS = ("loss_sum", "loss_items", "samples", "real_tokens", "padded_tokens")
@@ -40,7 +40,7 @@ WINDOW_TOTALS = ("loss_sum", "loss_items", "samples", "real_tokens", "padded_tok
 counts the examples learned from (not the repeats of an epoch's last round), the tokens count what ran."""
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(StoppedOnEveryRank):
     """The loss, gradient norm or weights became NaN/inf (and, for loss and gradient, the recipe says stop)."""
 
 

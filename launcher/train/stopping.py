@@ -15,6 +15,11 @@ EXIT_STOPPED_FOR_RESUME = 3
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
+class StoppedOnEveryRank(RuntimeError):
+    """An error every rank raises at the same step, decided on all-reduced values (a non-finite loss or weights, a
+    checkpoint some rank failed to write): all ranks are still there to close the process group together."""
+
+
 class StopRequest:
     """A flag set from a signal handler, read by the training loop at step boundaries."""
 
